@@ -1,0 +1,265 @@
+//! tau-init: PID 1 of TauOS, or a subreaper supervisor with `--foreground`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use clap::Parser;
+use tau_init::config::{self, Cmdline, CrashAction};
+use tau_init::runtime::{Runtime, Setup};
+use tau_init::supervisor::Mode;
+use tau_init::{boot, log, sys};
+
+/// Default config file.
+const DEFAULT_CONFIG: &str = "/etc/tau/tau.toml";
+
+#[derive(Parser, Debug, Default)]
+#[command(name = "tau-init", version, about = "TauOS init: PID 1 with supervision and monitoring")]
+struct Args {
+    /// Run as a subreaper supervisor (not PID 1): for containers and tests.
+    #[arg(long)]
+    foreground: bool,
+    /// Check config and units, print every problem as file:line:col, exit 1 on any.
+    #[arg(long)]
+    validate: bool,
+    /// Config file (default /etc/tau/tau.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Units directory (overrides [system] units_dir).
+    #[arg(long, value_name = "DIR")]
+    units: Option<PathBuf>,
+    /// Runtime directory (overrides [system] run_dir).
+    #[arg(long = "run-dir", value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Boot in safe mode: only units marked safe_mode.
+    #[arg(long = "safe-mode")]
+    safe_mode: bool,
+}
+
+static CRASH: AtomicU8 = AtomicU8::new(0);
+
+fn crash_code(a: CrashAction) -> u8 {
+    match a {
+        CrashAction::Shell => 0,
+        CrashAction::Reboot => 1,
+        CrashAction::Poweroff => 2,
+        CrashAction::Freeze => 3,
+    }
+}
+
+/// A panic escaped the loop as PID 1: sync and take the configured crash action.
+fn crash_action() -> ! {
+    sys::sync();
+    match CRASH.load(Ordering::Relaxed) {
+        1 => {
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        }
+        2 => {
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        }
+        3 => {}
+        _ => {
+            eprintln!("tau-init: starting an emergency shell on the console");
+            sys::exec_emergency_shell();
+            eprintln!("tau-init: no /bin/sh; freezing");
+        }
+    }
+    sys::freeze()
+}
+
+fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    // As PID 1 the kernel passes leftover command-line words: tolerate them.
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !pid1 => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+        Err(_) => Args::default(),
+    };
+    std::panic::set_hook(Box::new(|info| {
+        let msg = format!("tau-init: internal error: {info}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+    }));
+    if args.validate {
+        return validate(&args);
+    }
+    if !pid1 && !args.foreground {
+        eprintln!("tau-init: not PID 1; use --foreground to supervise as a subreaper, or --validate");
+        return ExitCode::from(2);
+    }
+    let result = std::panic::catch_unwind(|| run(args, pid1));
+    match result {
+        Ok(code) if !pid1 => code,
+        Ok(_) => sys::freeze(),
+        Err(_) if pid1 => crash_action(),
+        Err(_) => ExitCode::from(1),
+    }
+}
+
+fn validate(args: &Args) -> ExitCode {
+    let (path, explicit) = config_path(args, None);
+    let mut problems = 0usize;
+    let cfg = match config::load_config_or_default(&path, explicit) {
+        Ok(c) => c,
+        Err(diags) => {
+            for d in &diags {
+                println!("{d}");
+            }
+            problems += diags.len();
+            config::Config::default()
+        }
+    };
+    let units_dir = args.units.clone().unwrap_or_else(|| cfg.system.units_dir.clone());
+    let (units, diags) = config::load_units(&units_dir, &cfg);
+    for d in &diags {
+        println!("{d}");
+    }
+    problems += diags.len();
+    if problems == 0 {
+        println!("ok: {} and {} units in {}", path.display(), units.len(), units_dir.display());
+        ExitCode::SUCCESS
+    } else {
+        println!("{problems} problem(s) found");
+        ExitCode::from(1)
+    }
+}
+
+/// Config path from the flag, the kernel command line, or the default; and whether it was
+/// named explicitly (then it must exist).
+fn config_path(args: &Args, cmdline: Option<&Cmdline>) -> (PathBuf, bool) {
+    if let Some(p) = &args.config {
+        return (p.clone(), true);
+    }
+    if let Some(p) = cmdline.and_then(|c| c.config.clone()) {
+        return (p, true);
+    }
+    (PathBuf::from(DEFAULT_CONFIG), false)
+}
+
+fn run(args: Args, pid1: bool) -> ExitCode {
+    let mut cmdline = Cmdline::default();
+    let booted = pid1 && boot::booted_by_kernel();
+    if booted {
+        boot::mount_api_filesystems();
+        boot::ensure_console();
+        if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+            log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
+        }
+        cmdline = config::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+        CRASH.store(crash_code(cmdline.crash), Ordering::Relaxed);
+        for w in &cmdline.warnings {
+            log::warn(&format!("kernel command line: {w}"));
+        }
+    } else if pid1 {
+        log::info("PID 1 in a container or PID namespace: API filesystems are already mounted");
+    } else if let Err(e) = sys::set_child_subreaper() {
+        log::error(&format!("PR_SET_CHILD_SUBREAPER: {}; orphans will not be reaped", e.desc()));
+    }
+    if let Some(l) = cmdline.log.as_deref().and_then(log::parse_level) {
+        log::set_level(l);
+    }
+    let mut mode = if cmdline.safe_mode || args.safe_mode { Mode::Safe } else { Mode::Normal };
+    let (path, explicit) = config_path(&args, Some(&cmdline));
+    let cfg = match config::load_config_or_default(&path, explicit) {
+        Ok(c) => c,
+        Err(diags) => {
+            for d in &diags {
+                log::error(&format!("config: {d}"));
+            }
+            if !pid1 {
+                return ExitCode::from(1);
+            }
+            log::error("config is broken: booting in safe mode with built-in defaults");
+            mode = Mode::Safe;
+            config::Config::default()
+        }
+    };
+    if cmdline.log.is_none()
+        && let Some(l) = log::parse_level(&cfg.system.log_level)
+    {
+        log::set_level(l);
+    }
+    log::info(&format!(
+        "tau-init {} starting as {}",
+        env!("CARGO_PKG_VERSION"),
+        if pid1 { "PID 1" } else { "subreaper supervisor" }
+    ));
+    let mut persistent_mounted = false;
+    if booted {
+        boot::set_hostname(&cfg.system.hostname);
+        boot::load_modules(&cfg.system.module_dir, &cfg.system.modules);
+        persistent_mounted = boot::mount_persistent(
+            &cfg.system.persistent_device,
+            &cfg.system.persistent_fstype,
+            &cfg.system.persistent_mount,
+            2000,
+        );
+    }
+    let units_dir = args.units.clone().or(cmdline.units.clone()).unwrap_or_else(|| cfg.system.units_dir.clone());
+    let (mut units, diags) = config::load_units(&units_dir, &cfg);
+    for d in &diags {
+        log::error(&format!("unit: {d}"));
+    }
+    if booted && !units.iter().any(|u| u.safe_mode_only && u.console) {
+        units.push(builtin_shell());
+    }
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.system.run_dir.clone());
+    let setup = Setup { config: cfg, units, run_dir, pid1, booted, mode, persistent_mounted };
+    let mut rt = match Runtime::new(setup) {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error(&format!("cannot set up the event loop: {e}"));
+            if pid1 {
+                crash_action();
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let kind = rt.run();
+    if pid1 {
+        rt.power_off(kind);
+    }
+    rt.save_now();
+    log::info("all units stopped; exiting");
+    ExitCode::SUCCESS
+}
+
+/// The emergency shell added in PID 1 when no unit provides a safe-mode console shell.
+fn builtin_shell() -> config::Unit {
+    use config::model::{Priority, Ready, Recovery, Strategy};
+    config::Unit {
+        name: "emergency-shell".into(),
+        path: Path::new("<built-in>").to_path_buf(),
+        description: "root shell on the console in safe mode".into(),
+        exec: vec!["/bin/sh".into()],
+        env: Default::default(),
+        working_dir: Some(PathBuf::from("/")),
+        uid: None,
+        gid: None,
+        priority: Priority::Critical,
+        critical: false,
+        after: vec![],
+        requires: vec![],
+        safe_mode: true,
+        safe_mode_only: true,
+        enabled: true,
+        stop_signal: libc::SIGHUP,
+        stop_timeout_ms: 2000,
+        ready: Ready::None,
+        ready_timeout_ms: 0,
+        console: true,
+        memory_limit_mb: 0,
+        cpu_limit_percent: 0.0,
+        recovery: Recovery {
+            strategy: Strategy::RestartWithDelay,
+            delay_ms: 1000,
+            backoff_initial_ms: 0,
+            backoff_max_ms: 0,
+            backoff_factor: 1.0,
+            max_attempts: 3,
+            reset_after_ms: 60_000,
+        },
+    }
+}

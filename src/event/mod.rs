@@ -1,0 +1,3 @@
+//! Event-loop building blocks.
+
+pub mod timers;

@@ -1,0 +1,136 @@
+//! tau-init's log: one line per record on the console (stderr), and a bounded in-memory ring of
+//! recent records for `taucli logs`. Never blocks the loop for long and never panics.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub use crate::supervisor::Level;
+
+/// Records kept in memory.
+pub const RING: usize = 1000;
+
+/// One log record.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Record {
+    /// Wall clock, ms since the Unix epoch.
+    pub time_ms: u64,
+    pub level: Level,
+    /// Unit the record is about, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    pub message: String,
+}
+
+struct Logger {
+    level: Level,
+    ring: VecDeque<Record>,
+    /// Records dropped from the ring since start.
+    dropped: u64,
+    counts: [u64; 4],
+}
+
+static LOGGER: Mutex<Logger> =
+    Mutex::new(Logger { level: Level::Info, ring: VecDeque::new(), dropped: 0, counts: [0; 4] });
+
+fn with<R>(f: impl FnOnce(&mut Logger) -> R) -> R {
+    let mut g = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut g)
+}
+
+/// Parse a level name (`error`, `warn`, `info`, `debug`).
+pub fn parse_level(s: &str) -> Option<Level> {
+    Some(match s {
+        "error" => Level::Error,
+        "warn" | "warning" => Level::Warn,
+        "info" => Level::Info,
+        "debug" => Level::Debug,
+        _ => return None,
+    })
+}
+
+/// Name of a level.
+pub fn level_str(l: Level) -> &'static str {
+    match l {
+        Level::Error => "error",
+        Level::Warn => "warn",
+        Level::Info => "info",
+        Level::Debug => "debug",
+    }
+}
+
+/// Set the most verbose level written to the console.
+pub fn set_level(l: Level) {
+    with(|g| g.level = l);
+}
+
+/// Log a record about the system (`unit` None) or a unit.
+pub fn log(level: Level, unit: Option<&str>, message: &str) {
+    let rec = Record {
+        time_ms: crate::sys::wall_ms(),
+        level,
+        unit: unit.map(str::to_string),
+        message: message.to_string(),
+    };
+    let show = with(|g| {
+        g.counts[level as usize] += 1;
+        if g.ring.len() >= RING {
+            g.ring.pop_front();
+            g.dropped += 1;
+        }
+        g.ring.push_back(rec);
+        level <= g.level
+    });
+    if show {
+        let mono = crate::sys::monotonic_ms();
+        let line = format!(
+            "[{:>5}.{:03}] tau-init: {}: {}\n",
+            mono / 1000,
+            mono % 1000,
+            level_str(level),
+            message
+        );
+        // A console that fails must not stop PID 1.
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
+/// The newest `n` records, optionally only about `unit`, oldest first.
+pub fn recent(n: usize, unit: Option<&str>) -> Vec<Record> {
+    with(|g| {
+        let mut v: Vec<Record> = g
+            .ring
+            .iter()
+            .rev()
+            .filter(|r| unit.is_none_or(|u| r.unit.as_deref() == Some(u) || r.message.starts_with(&format!("{u}:"))))
+            .take(n)
+            .cloned()
+            .collect();
+        v.reverse();
+        v
+    })
+}
+
+/// Records logged per level (error, warn, info, debug) and records dropped from the ring.
+pub fn stats() -> ([u64; 4], u64) {
+    with(|g| (g.counts, g.dropped))
+}
+
+/// `error!`-style helpers.
+pub fn error(m: &str) {
+    log(Level::Error, None, m)
+}
+/// Log at warn level.
+pub fn warn(m: &str) {
+    log(Level::Warn, None, m)
+}
+/// Log at info level.
+pub fn info(m: &str) {
+    log(Level::Info, None, m)
+}
+/// Log at debug level.
+pub fn debug(m: &str) {
+    log(Level::Debug, None, m)
+}

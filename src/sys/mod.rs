@@ -1,0 +1,320 @@
+//! Thin wrappers over the syscalls tau-init needs that nix does not cover safely, plus the
+//! child half of process spawning. The only module allowed to contain `unsafe`.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+/// Monotonic milliseconds (CLOCK_MONOTONIC), the one clock of the supervisor. System-wide, so
+/// values survive a re-exec of tau-init.
+pub fn monotonic_ms() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64).saturating_mul(1000) + (ts.tv_nsec() as u64) / 1_000_000,
+        Err(_) => 0,
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for records shown to people).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Become a child subreaper: orphans of our descendants are reparented to us.
+pub fn set_child_subreaper() -> nix::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integer arguments only and has no memory
+    // effects on our process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    Errno::result(rc).map(drop)
+}
+
+/// Load a kernel module from an open file (`finit_module(2)`).
+pub fn finit_module(file: &std::fs::File, params: &CStr) -> nix::Result<()> {
+    // SAFETY: fd is open for the duration of the call (borrowed from `file`), params is a valid
+    // NUL-terminated string, flags are 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            params.as_ptr(),
+            0 as libc::c_int,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// `sync(2)`: flush all filesystem buffers.
+pub fn sync() {
+    nix::unistd::sync();
+}
+
+/// Signal one process; ESRCH (already gone) is not an error.
+pub fn kill(pid: i32, sig: i32) -> nix::Result<()> {
+    // SAFETY: kill(2) takes plain integers.
+    let rc = unsafe { libc::kill(pid, sig) };
+    match Errno::result(rc) {
+        Err(Errno::ESRCH) | Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Ignore a signal (SIGPIPE: a write to a vanished reader becomes EPIPE). Children get default
+/// dispositions back before exec.
+pub fn ignore_signal(sig: i32) {
+    // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety concerns.
+    unsafe { libc::signal(sig, libc::SIG_IGN) };
+}
+
+/// Block forever (crash action `freeze`, or after a failed reboot(2)).
+pub fn freeze() -> ! {
+    loop {
+        // SAFETY: pause(2) has no arguments and only returns on a signal.
+        unsafe { libc::pause() };
+    }
+}
+
+/// Replace this process with an emergency shell on the console (crash action `shell`). Returns
+/// only if exec failed.
+pub fn exec_emergency_shell() {
+    let sh = c"/bin/sh";
+    let argv = [sh.as_ptr(), std::ptr::null()];
+    let envp = [c"PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".as_ptr(), c"TERM=linux".as_ptr(), std::ptr::null()];
+    // SAFETY: argv and envp are NULL-terminated arrays of valid C strings that outlive the call.
+    unsafe { libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+}
+
+/// Where a spawned child failed before exec, reported through the exec-status pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExecStage {
+    Setsid = 1,
+    Cgroup = 2,
+    Stdio = 3,
+    Chdir = 4,
+    Setgroups = 5,
+    Setgid = 6,
+    Setuid = 7,
+    Exec = 8,
+    SignalMask = 9,
+}
+
+impl ExecStage {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Setsid,
+            2 => Self::Cgroup,
+            3 => Self::Stdio,
+            4 => Self::Chdir,
+            5 => Self::Setgroups,
+            6 => Self::Setgid,
+            7 => Self::Setuid,
+            8 => Self::Exec,
+            9 => Self::SignalMask,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Setsid => "setsid",
+            Self::Cgroup => "join cgroup",
+            Self::Stdio => "set up stdio",
+            Self::Chdir => "chdir",
+            Self::Setgroups => "setgroups",
+            Self::Setgid => "setgid",
+            Self::Setuid => "setuid",
+            Self::Exec => "exec",
+            Self::SignalMask => "reset signals",
+        }
+    }
+}
+
+/// Everything the child needs, prepared before fork so the child never allocates.
+pub struct SpawnSpec {
+    pub path: CString,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: Option<CString>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// An open `cgroup.procs` of the unit's cgroup; the child writes "0" to join it.
+    pub cgroup_procs: Option<OwnedFd>,
+    /// stdin: None = /dev/null. stdout/stderr: None = inherit ours.
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// Make stdin the controlling terminal (a shell on the console).
+    pub controlling_tty: bool,
+}
+
+/// A failure to spawn: in the parent (fork/pipe) or in the child at `stage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpawnError {
+    pub stage: Option<ExecStage>,
+    pub errno: Errno,
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.stage {
+            Some(s) => write!(f, "{} failed: {}", s.as_str(), self.errno.desc()),
+            None => write!(f, "fork failed: {}", self.errno.desc()),
+        }
+    }
+}
+
+/// Fork and exec `spec`. Returns the child's pid once exec succeeded, or where it failed.
+///
+/// The caller must be single-threaded (tau-init is: one event loop, no threads), so the child
+/// may run any async-signal-safe code; it runs only raw syscalls on data prepared here.
+pub fn spawn(spec: &SpawnSpec) -> Result<i32, SpawnError> {
+    let parent_err = |errno| SpawnError { stage: None, errno };
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(parent_err)?;
+    let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = spec.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let devnull = c"/dev/null";
+    // SAFETY: fork(2) in a single-threaded process; the child only calls async-signal-safe
+    // functions (see child_after_fork) and always ends in execve or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(parent_err(Errno::last()));
+    }
+    if pid == 0 {
+        // SAFETY: we are the child of a fork from a single-threaded parent; all pointers refer to
+        // memory copied into our address space by fork and stay valid until exec or _exit.
+        unsafe { child_after_fork(spec, &argv, &envp, devnull, wr.as_raw_fd()) }
+    }
+    drop(wr);
+    // Read {stage, errno} or EOF (exec succeeded: CLOEXEC closed the pipe).
+    let mut buf = [0u8; 5];
+    let mut got = 0usize;
+    let file = std::fs::File::from(rd);
+    loop {
+        match io::Read::read(&mut &file, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == buf.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    if got == buf.len() {
+        let stage = ExecStage::from_u8(buf[0]);
+        let errno = Errno::from_raw(i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]));
+        // The child has _exit()ed; the reaper collects it.
+        return Err(SpawnError { stage: stage.or(Some(ExecStage::Exec)), errno });
+    }
+    Ok(pid)
+}
+
+/// The child side of [`spawn`]. Never returns.
+///
+/// # Safety
+/// Must be called only in the child of a fork from a single-threaded process, with pointers into
+/// `spec`, `argv` and `envp` that are valid and NULL-terminated where required.
+unsafe fn child_after_fork(
+    spec: &SpawnSpec,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    devnull: &CStr,
+    status_fd: RawFd,
+) -> ! {
+    // SAFETY: all calls below are async-signal-safe syscalls on valid fds, pointers and
+    // NUL-terminated strings prepared by the parent before fork (caller's contract).
+    unsafe {
+        let fail = |stage: ExecStage| -> ! {
+            let e = *libc::__errno_location();
+            let b = e.to_ne_bytes();
+            let msg = [stage as u8, b[0], b[1], b[2], b[3]];
+            libc::write(status_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        };
+        // Signals: default dispositions and an empty mask, as a fresh process expects.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            fail(ExecStage::SignalMask);
+        }
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(ExecStage::Setsid);
+        }
+        if let Some(fd) = &spec.cgroup_procs {
+            let zero = b"0\n";
+            if libc::write(fd.as_raw_fd(), zero.as_ptr().cast(), zero.len()) < 0 {
+                fail(ExecStage::Cgroup);
+            }
+        }
+        let stdin_fd = match &spec.stdin {
+            Some(fd) => fd.as_raw_fd(),
+            None => {
+                let fd = libc::open(devnull.as_ptr(), libc::O_RDWR);
+                if fd < 0 {
+                    fail(ExecStage::Stdio);
+                }
+                fd
+            }
+        };
+        if libc::dup2(stdin_fd, 0) < 0 {
+            fail(ExecStage::Stdio);
+        }
+        if let Some(fd) = &spec.stdout
+            && libc::dup2(fd.as_raw_fd(), 1) < 0
+        {
+            fail(ExecStage::Stdio);
+        }
+        if let Some(fd) = &spec.stderr
+            && libc::dup2(fd.as_raw_fd(), 2) < 0
+        {
+            fail(ExecStage::Stdio);
+        }
+        if spec.controlling_tty {
+            // Best effort: a shell without job control still works.
+            libc::ioctl(0, libc::TIOCSCTTY, 1);
+        }
+        if let Some(cwd) = &spec.cwd
+            && libc::chdir(cwd.as_ptr()) != 0
+        {
+            fail(ExecStage::Chdir);
+        }
+        if let Some(gid) = spec.gid {
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                fail(ExecStage::Setgroups);
+            }
+            if libc::setgid(gid) != 0 {
+                fail(ExecStage::Setgid);
+            }
+        }
+        if let Some(uid) = spec.uid
+            && libc::setuid(uid) != 0
+        {
+            fail(ExecStage::Setuid);
+        }
+        libc::execve(spec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        fail(ExecStage::Exec)
+    }
+}
+
+/// True when fd 0, 1 and 2 are open (the kernel opened /dev/console for us, or a parent did).
+pub fn stdio_open() -> bool {
+    (0..3).all(|fd| {
+        // SAFETY: F_GETFD on an integer fd only reads the descriptor table.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags >= 0
+    })
+}
