@@ -728,12 +728,10 @@ impl Supervisor {
                     out.push(Action::Kill { unit: i, pid, signal: libc::SIGKILL });
                 }
             }
-            TimerKind::Stable if s.phase == Phase::Running => {
-                if s.attempts != 0 {
-                    self.states[i].attempts = 0;
-                    out.push(Action::Log(Level::Info, format!("{}: stable, failure count cleared", self.units[i].name)));
-                    out.push(Action::Persist);
-                }
+            TimerKind::Stable if s.phase == Phase::Running && s.attempts != 0 => {
+                self.states[i].attempts = 0;
+                out.push(Action::Log(Level::Info, format!("{}: stable, failure count cleared", self.units[i].name)));
+                out.push(Action::Persist);
             }
             // A timer for a phase the unit has left: stale, ignore.
             _ => {}
