@@ -15,6 +15,8 @@ pub const RING: usize = 1000;
 /// One log record.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Record {
+    /// Sequence number, increasing from 1 (for `taucli logs --follow`).
+    pub seq: u64,
     /// Wall clock, ms since the Unix epoch.
     pub time_ms: u64,
     pub level: Level,
@@ -30,10 +32,11 @@ struct Logger {
     /// Records dropped from the ring since start.
     dropped: u64,
     counts: [u64; 4],
+    seq: u64,
 }
 
 static LOGGER: Mutex<Logger> =
-    Mutex::new(Logger { level: Level::Info, ring: VecDeque::new(), dropped: 0, counts: [0; 4] });
+    Mutex::new(Logger { level: Level::Info, ring: VecDeque::new(), dropped: 0, counts: [0; 4], seq: 0 });
 
 fn with<R>(f: impl FnOnce(&mut Logger) -> R) -> R {
     let mut g = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,7 +71,8 @@ pub fn set_level(l: Level) {
 
 /// Log a record about the system (`unit` None) or a unit.
 pub fn log(level: Level, unit: Option<&str>, message: &str) {
-    let rec = Record {
+    let mut rec = Record {
+        seq: 0,
         time_ms: crate::sys::wall_ms(),
         level,
         unit: unit.map(str::to_string),
@@ -76,6 +80,8 @@ pub fn log(level: Level, unit: Option<&str>, message: &str) {
     };
     let show = with(|g| {
         g.counts[level as usize] += 1;
+        g.seq += 1;
+        rec.seq = g.seq;
         if g.ring.len() >= RING {
             g.ring.pop_front();
             g.dropped += 1;
@@ -97,13 +103,15 @@ pub fn log(level: Level, unit: Option<&str>, message: &str) {
     }
 }
 
-/// The newest `n` records, optionally only about `unit`, oldest first.
-pub fn recent(n: usize, unit: Option<&str>) -> Vec<Record> {
+/// The newest `n` records after sequence number `since`, optionally only about `unit`, oldest
+/// first.
+pub fn recent(n: usize, unit: Option<&str>, since: u64) -> Vec<Record> {
     with(|g| {
         let mut v: Vec<Record> = g
             .ring
             .iter()
             .rev()
+            .take_while(|r| r.seq > since)
             .filter(|r| unit.is_none_or(|u| r.unit.as_deref() == Some(u) || r.message.starts_with(&format!("{u}:"))))
             .take(n)
             .cloned()
@@ -113,9 +121,10 @@ pub fn recent(n: usize, unit: Option<&str>) -> Vec<Record> {
     })
 }
 
-/// Records logged per level (error, warn, info, debug) and records dropped from the ring.
-pub fn stats() -> ([u64; 4], u64) {
-    with(|g| (g.counts, g.dropped))
+/// Records logged per level (error, warn, info, debug), records dropped from the ring, the
+/// ring's length and the last sequence number.
+pub fn stats() -> ([u64; 4], u64, usize, u64) {
+    with(|g| (g.counts, g.dropped, g.ring.len(), g.seq))
 }
 
 /// `error!`-style helpers.

@@ -34,6 +34,15 @@ struct Args {
     /// Boot in safe mode: only units marked safe_mode.
     #[arg(long = "safe-mode")]
     safe_mode: bool,
+    /// Detach: run the supervisor in the background (as --foreground), log to <run-dir>/tau-init.log.
+    #[arg(long)]
+    daemon: bool,
+    /// Print one health report and exit 0 healthy, 1 degraded, 2 critical.
+    #[arg(long)]
+    check: bool,
+    /// Internal: state file handed over by `taucli reexec`.
+    #[arg(long, value_name = "FILE", hide = true)]
+    resume: Option<PathBuf>,
 }
 
 static CRASH: AtomicU8 = AtomicU8::new(0);
@@ -85,7 +94,23 @@ fn main() -> ExitCode {
     if args.validate {
         return validate(&args);
     }
-    if !pid1 && !args.foreground {
+    if args.check {
+        // The health score is computed from resource monitoring, which this build lacks.
+        eprintln!("tau-init: health report not available yet: resource monitoring is not built in");
+        return ExitCode::from(3);
+    }
+    if args.daemon && !pid1 {
+        let log_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("/run/tau"));
+        match sys::daemonize(&log_dir.join("tau-init.log")) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("tau-init: --daemon: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if !pid1 && !args.foreground && !args.daemon {
         eprintln!("tau-init: not PID 1; use --foreground to supervise as a subreaper, or --validate");
         return ExitCode::from(2);
     }
@@ -197,6 +222,15 @@ fn run(args: Args, pid1: bool) -> ExitCode {
             2000,
         );
     }
+    let mut overrides: Vec<(&str, &str)> = Vec::new();
+    if args.units.is_some() {
+        overrides.push(("system.units_dir", "command line"));
+    } else if cmdline.units.is_some() {
+        overrides.push(("system.units_dir", "kernel command line"));
+    }
+    if args.run_dir.is_some() {
+        overrides.push(("system.run_dir", "command line"));
+    }
     let units_dir = args.units.clone().or(cmdline.units.clone()).unwrap_or_else(|| cfg.system.units_dir.clone());
     let (mut units, diags) = config::load_units(&units_dir, &cfg);
     for d in &diags {
@@ -206,7 +240,34 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         units.push(builtin_shell());
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.system.run_dir.clone());
-    let setup = Setup { config: cfg, units, run_dir, pid1, booted, mode, persistent_mounted };
+    let mut shown = cfg.clone();
+    shown.system.units_dir = units_dir.clone();
+    shown.system.run_dir = run_dir.clone();
+    let file_text = std::fs::read_to_string(&path).ok();
+    let config_view = tau_init::control::view::config_view(&shown, &path, file_text.as_deref(), &overrides);
+    let resume = match &args.resume {
+        Some(p) => match tau_init::runtime::ResumeState::take(p) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::error(&format!("reexec: cannot resume ({e}); starting units afresh"));
+                None
+            }
+        },
+        None => None,
+    };
+    let setup = Setup {
+        config: cfg,
+        units,
+        run_dir,
+        pid1,
+        booted,
+        mode,
+        persistent_mounted,
+        units_dir,
+        config_view,
+        argv: std::env::args().collect(),
+        resume,
+    };
     let mut rt = match Runtime::new(setup) {
         Ok(rt) => rt,
         Err(e) => {

@@ -77,6 +77,7 @@ fn check_config(cfg: &Config, c: &mut Checker) {
         ("module_dir", &s.module_dir),
         ("persistent_mount", &s.persistent_mount),
         ("cgroup_root", &s.cgroup_root),
+        ("audit_log", &s.audit_log),
     ] {
         c.absolute("system", key, path);
     }
@@ -1076,6 +1077,7 @@ log_level = "debug"
 control_group = "wheel"
 shutdown_kill_timeout_ms = 1500
 cgroup_root = "/cgroup2"
+audit_log = "/data/audit.log"
 "#;
         let s = parse_config(text, file()).unwrap().system;
         let expected = System {
@@ -1092,6 +1094,7 @@ cgroup_root = "/cgroup2"
             control_group: "wheel".into(),
             shutdown_kill_timeout_ms: 1500,
             cgroup_root: "/cgroup2".into(),
+            audit_log: "/data/audit.log".into(),
         };
         assert_eq!(s, expected);
     }

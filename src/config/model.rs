@@ -55,6 +55,8 @@ pub struct System {
     pub shutdown_kill_timeout_ms: u64,
     /// Where cgroup2 is mounted; tau-init builds its pools under `<cgroup_root>/tau`.
     pub cgroup_root: PathBuf,
+    /// Audit log of mutating control commands (JSON lines).
+    pub audit_log: PathBuf,
 }
 
 impl Default for System {
@@ -73,6 +75,7 @@ impl Default for System {
             control_group: String::new(),
             shutdown_kill_timeout_ms: 3000,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            audit_log: PathBuf::from("/var/log/tau/audit.log"),
         }
     }
 }

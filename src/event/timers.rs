@@ -61,6 +61,20 @@ impl<K: Ord + Hash + Copy> Timers<K> {
         Some(k)
     }
 
+    /// Remove and return every timer whose key matches `f`.
+    pub fn take_if(&mut self, f: impl Fn(&K) -> bool) -> Vec<(K, u64)> {
+        let keys: Vec<(K, u64)> = self.by_key.iter().filter(|(k, _)| f(k)).map(|(k, t)| (*k, *t)).collect();
+        for (k, _) in &keys {
+            self.cancel(*k);
+        }
+        keys
+    }
+
+    /// Every pending timer, earliest first.
+    pub fn entries(&self) -> Vec<(K, u64)> {
+        self.by_time.iter().map(|&(t, k)| (k, t)).collect()
+    }
+
     /// Number of pending timers.
     pub fn len(&self) -> usize {
         self.by_key.len()

@@ -783,6 +783,74 @@ impl Supervisor {
     pub fn dependents(&self, i: usize) -> &[usize] {
         &self.dependents[i]
     }
+    /// Replace the unit set (reload). Returns the new supervisor and what changed. Unchanged
+    /// units keep their state untouched; changed ones keep their state and counters under the
+    /// new definition (the caller restarts those that are up); removed ones are returned with
+    /// their pid for the caller to stop.
+    pub fn reloaded(&self, new_units: Vec<Unit>) -> (Supervisor, ReloadPlan) {
+        let mut next = Supervisor::new(new_units, self.auto_recovery, self.max_running);
+        next.mode = self.mode;
+        next.shutting_down = self.shutting_down;
+        next.crashes = self.crashes.clone();
+        let mut plan = ReloadPlan { remap: vec![None; self.units.len()], ..Default::default() };
+        for (old, u) in self.units.iter().enumerate() {
+            match next.find(&u.name) {
+                Some(new) => {
+                    plan.remap[old] = Some(new);
+                    next.states[new] = self.states[old].clone();
+                    if next.units[new] == *u {
+                        plan.unchanged.push(new);
+                    } else {
+                        plan.changed.push(new);
+                    }
+                }
+                None => plan.removed.push(Removed {
+                    name: u.name.clone(),
+                    pid: self.states[old].pid,
+                    stop_signal: u.stop_signal,
+                    stop_timeout_ms: u.stop_timeout_ms,
+                }),
+            }
+        }
+        for (i, u) in next.units.iter().enumerate() {
+            if self.find(&u.name).is_none() {
+                plan.added.push(i);
+            }
+        }
+        (next, plan)
+    }
+
+    /// Overwrite the state of unit `i` (resume after re-exec).
+    pub fn restore_state(&mut self, i: usize, st: UnitState) {
+        self.states[i] = st;
+    }
+
+    /// Start wanted units whose dependencies are up (after a resume or reload).
+    pub fn kick_now(&mut self, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.kick(now, &mut out);
+        out
+    }
+}
+
+/// A unit dropped by a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removed {
+    pub name: String,
+    pub pid: Option<i32>,
+    pub stop_signal: i32,
+    pub stop_timeout_ms: u64,
+}
+
+/// What a reload changed; indices are into the new supervisor.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReloadPlan {
+    /// Old index → new index.
+    pub remap: Vec<Option<usize>>,
+    pub added: Vec<usize>,
+    pub changed: Vec<usize>,
+    pub unchanged: Vec<usize>,
+    pub removed: Vec<Removed>,
 }
 
 /// Topological order over `edges[u]` = units that must come before `u`; among ready units the

@@ -69,6 +69,36 @@ pub fn ignore_signal(sig: i32) {
     unsafe { libc::signal(sig, libc::SIG_IGN) };
 }
 
+/// Fork into the background for `--daemon`: the parent returns Ok(true) (and should exit), the
+/// child returns Ok(false) in a new session with stdin on /dev/null and stdout/stderr appended
+/// to `log`.
+pub fn daemonize(log: &std::path::Path) -> Result<bool, String> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    // SAFETY: called from main before any thread exists; the child continues as a normal
+    // single-threaded program.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {}", e.desc()))? {
+        nix::unistd::ForkResult::Parent { child } => {
+            println!("{child}");
+            Ok(true)
+        }
+        nix::unistd::ForkResult::Child => {
+            let _ = nix::unistd::setsid();
+            let _ = nix::unistd::dup2_stdin(&null);
+            let _ = nix::unistd::dup2_stdout(&out);
+            let _ = nix::unistd::dup2_stderr(&out);
+            Ok(false)
+        }
+    }
+}
+
 /// Block forever (crash action `freeze`, or after a failed reboot(2)).
 pub fn freeze() -> ! {
     loop {

@@ -22,8 +22,16 @@ use crate::notify::NotifySocket;
 use crate::persist;
 use crate::supervisor::{Action, Event, ExitInfo, Level, Mode, Now, Supervisor, TimerKind};
 
+mod commands;
+mod reexec;
+
+pub use reexec::ResumeState;
+
 const SIGNALS: Token = Token(0);
 const NOTIFY: Token = Token(1);
+const CONTROL: Token = Token(2);
+/// Reply FIFOs waiting to be written get tokens from here up.
+const REPLY_BASE: usize = 1 << 20;
 
 /// Most children reaped per wake-up before other events get a turn.
 pub const REAP_BATCH: usize = 1024;
@@ -36,6 +44,10 @@ pub enum Key {
     FinalKill,
     /// Shutdown: stop waiting for the last processes.
     FinalDeadline,
+    /// A reply to a slow client is dropped.
+    Reply(u64),
+    /// A process of a unit removed by reload gets SIGKILL.
+    RemovedKill(i32),
 }
 
 /// How the system goes down.
@@ -68,6 +80,14 @@ pub struct Setup {
     pub mode: Mode,
     /// Persistent disk mounted at `[system] persistent_mount` (unmounted at shutdown).
     pub persistent_mounted: bool,
+    /// Units directory (re-read by `reload`).
+    pub units_dir: PathBuf,
+    /// The effective config with the source of each value (`taucli config`).
+    pub config_view: serde_json::Value,
+    /// Arguments to exec again on `reexec`.
+    pub argv: Vec<String>,
+    /// State handed over by the previous instance (re-exec).
+    pub resume: Option<ResumeState>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +115,13 @@ pub struct Runtime {
     dirty: bool,
     reap_backlog: bool,
     shutdown: Option<(Shutdown, Final)>,
+    control: Option<crate::control::server::ControlServer>,
+    control_backlog: bool,
+    replies: HashMap<u64, crate::control::server::Pending>,
+    next_reply: u64,
+    /// After the current reply is sent: power off, reboot or re-exec.
+    after_reply: Option<commands::After>,
+    audit_log: PathBuf,
     /// Orphans (not unit main processes) reaped since start.
     pub orphans_reaped: u64,
     /// Events whose handling panicked (caught, logged).
@@ -163,7 +190,29 @@ impl Runtime {
                 moved_to.map(|p| format!(" as {}", p.display())).unwrap_or_default()
             )),
         }
-        Ok(Self {
+        let control_gid = match cfg.system.control_group.as_str() {
+            "" => None,
+            g => {
+                let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+                let gid = g.parse().ok().or_else(|| crate::config::lookup_group(&groups, g));
+                if gid.is_none() {
+                    log::warn(&format!("control_group {g}: no such group; control FIFO stays root-only"));
+                }
+                gid
+            }
+        };
+        let control = match crate::control::server::ControlServer::open(&setup.run_dir, control_gid) {
+            Ok(c) => {
+                poll.registry().register(&mut SourceFd(&c.fd()), CONTROL, Interest::READABLE)?;
+                Some(c)
+            }
+            Err(e) => {
+                log::error(&format!("control FIFO: {e}; taucli will not reach tau-init"));
+                None
+            }
+        };
+        let audit_log = cfg.system.audit_log.clone();
+        let mut rt = Self {
             setup,
             sup,
             timers: Default::default(),
@@ -176,23 +225,40 @@ impl Runtime {
             dirty: false,
             reap_backlog: false,
             shutdown: None,
+            control,
+            control_backlog: false,
+            replies: HashMap::new(),
+            next_reply: 0,
+            after_reply: None,
+            audit_log,
             orphans_reaped: 0,
             handler_panics: 0,
-        })
+        };
+        if let Some(r) = rt.setup.resume.take() {
+            rt.resume(r);
+        }
+        Ok(rt)
     }
 
     /// Run until shutdown completes. Returns how the system should go down.
     pub fn run(&mut self) -> Shutdown {
         let mode = self.setup.mode;
-        log::info(&format!("starting {} units in {} mode", self.sup.units.len(), if mode == Mode::Safe { "safe" } else { "normal" }));
-        self.dispatch(Event::Boot { mode });
+        if self.setup.argv.iter().any(|a| a == "--resume") {
+            log::info(&format!("resumed after re-exec with {} units", self.sup.units.len()));
+            let actions = self.sup.kick_now(now());
+            self.carry_out(actions);
+        } else {
+            let m = if mode == Mode::Safe { "safe" } else { "normal" };
+            log::info(&format!("starting {} units in {m} mode", self.sup.units.len()));
+            self.dispatch(Event::Boot { mode });
+        }
         let mut events = Events::with_capacity(64);
         loop {
             self.save_if_dirty();
             if let Some((kind, Final::Done)) = self.shutdown {
                 return kind;
             }
-            let timeout = if self.reap_backlog {
+            let timeout = if self.reap_backlog || self.control_backlog {
                 Some(Duration::ZERO)
             } else {
                 self.timers.timeout_ms(crate::sys::monotonic_ms()).map(Duration::from_millis)
@@ -204,10 +270,14 @@ impl Runtime {
                 std::thread::sleep(Duration::from_millis(100));
             }
             let mut notify_ready = false;
+            let mut control_ready = self.control_backlog;
+            let mut writable = Vec::new();
             for ev in events.iter() {
                 match ev.token() {
                     SIGNALS => {}
                     NOTIFY => notify_ready = true,
+                    CONTROL => control_ready = true,
+                    Token(t) if t >= REPLY_BASE => writable.push((t - REPLY_BASE) as u64),
                     t => log::debug(&format!("spurious event for token {}", t.0)),
                 }
             }
@@ -216,6 +286,15 @@ impl Runtime {
             self.guarded("timers", |rt| rt.fire_timers());
             if notify_ready {
                 self.guarded("notify", |rt| rt.on_notify());
+            }
+            for id in writable {
+                self.guarded("reply", |rt| rt.flush_reply(id));
+            }
+            if control_ready {
+                self.guarded("control", |rt| rt.on_control());
+            }
+            if let Some(after) = self.after_reply.take() {
+                self.guarded("command", |rt| rt.after(after));
             }
         }
     }
@@ -287,6 +366,8 @@ impl Runtime {
                 self.dispatch(Event::Exited { unit, exit });
             }
             None => {
+                // A process of a unit removed by reload: its SIGKILL timer is moot now.
+                self.timers.cancel(Key::RemovedKill(pid));
                 self.orphans_reaped += 1;
                 if self.setup.config.process_management.auto_cleanup_zombies {
                     log::debug(&format!("reaped orphan {pid} ({exit})"));
@@ -316,6 +397,11 @@ impl Runtime {
                     log::warn("shutdown: processes still alive after SIGKILL; going down anyway");
                     self.finish();
                 }
+                Key::Reply(id) => self.drop_reply(id, "reader too slow"),
+                Key::RemovedKill(pid) => {
+                    let _ = crate::sys::kill(-pid, libc::SIGKILL);
+                    let _ = crate::sys::kill(pid, libc::SIGKILL);
+                }
             }
             n += 1;
             if n >= 4096 {
@@ -343,7 +429,13 @@ impl Runtime {
 
     /// Feed an event to the supervisor and carry out the actions it answers with.
     pub fn dispatch(&mut self, ev: Event) {
-        let mut queue: VecDeque<Action> = self.sup.handle(ev, now()).into();
+        let actions = self.sup.handle(ev, now());
+        self.carry_out(actions);
+    }
+
+    /// Carry out actions (and the actions their results lead to).
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
         while let Some(a) = queue.pop_front() {
             match a {
                 Action::Spawn(i) => {

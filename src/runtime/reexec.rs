@@ -1,0 +1,149 @@
+//! Live re-exec: serialize the supervisor's state, exec our own binary anew (possibly a newer
+//! version at the same path), and pick up every running unit by pid without restarting it.
+
+use std::ffi::CString;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Key, Runtime};
+use crate::log;
+use crate::supervisor::{CrashRecord, Mode, TimerKind, UnitState};
+
+/// File in the run directory that carries the state across exec.
+pub const RESUME_FILE: &str = "reexec-state.json";
+
+/// Everything a new tau-init needs to carry on where the old one stopped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResumeState {
+    pub version: u32,
+    pub mode: Mode,
+    pub units: Vec<(String, UnitState)>,
+    pub crashes: Vec<CrashRecord>,
+    /// Unit timers as (unit, kind, monotonic deadline): CLOCK_MONOTONIC survives exec.
+    pub timers: Vec<(String, TimerKind, u64)>,
+    pub booted: bool,
+    pub persistent_mounted: bool,
+    pub orphans_reaped: u64,
+}
+
+impl ResumeState {
+    /// Read and remove the resume file.
+    pub fn take(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let _ = std::fs::remove_file(path);
+        let s: ResumeState = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if s.version != 1 {
+            return Err(format!("{}: unsupported version {}", path.display(), s.version));
+        }
+        Ok(s)
+    }
+}
+
+/// The path of our own binary: what /proc/self/exe names, without " (deleted)" when the file
+/// was replaced by an upgrade (we then exec the new file at that path).
+fn own_binary() -> Option<PathBuf> {
+    let p = std::fs::read_link("/proc/self/exe").ok()?;
+    let s = p.to_string_lossy();
+    Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string()))
+}
+
+impl Runtime {
+    fn resume_state(&self) -> ResumeState {
+        let units = self.sup.units.iter().zip(&self.sup.states).map(|(u, s)| (u.name.clone(), s.clone())).collect();
+        let timers = self
+            .timers
+            .entries()
+            .into_iter()
+            .filter_map(|(k, at)| match k {
+                Key::Unit(i, kind) => Some((self.sup.units[i].name.clone(), kind, at)),
+                _ => None,
+            })
+            .collect();
+        ResumeState {
+            version: 1,
+            mode: self.sup.mode,
+            units,
+            crashes: self.sup.crashes.iter().cloned().collect(),
+            timers,
+            booted: self.setup.booted,
+            persistent_mounted: self.setup.persistent_mounted,
+            orphans_reaped: self.orphans_reaped,
+        }
+    }
+
+    /// Take over the state of the previous instance.
+    pub(super) fn resume(&mut self, r: ResumeState) {
+        self.sup.mode = r.mode;
+        self.sup.crashes = r.crashes.into();
+        self.setup.booted = r.booted;
+        self.setup.persistent_mounted = r.persistent_mounted;
+        self.orphans_reaped = r.orphans_reaped;
+        for (name, st) in r.units {
+            match self.sup.find(&name) {
+                Some(i) => {
+                    if let Some(pid) = st.pid {
+                        self.pids.insert(pid, i);
+                    }
+                    self.sup.restore_state(i, st);
+                }
+                None => {
+                    if let Some(pid) = st.pid {
+                        log::warn(&format!("{name}: unit file gone after re-exec; stopping pid {pid}"));
+                        let _ = crate::sys::kill(-pid, libc::SIGTERM);
+                    }
+                }
+            }
+        }
+        for (name, kind, at) in r.timers {
+            if let Some(i) = self.sup.find(&name) {
+                self.timers.set(Key::Unit(i, kind), at);
+            }
+        }
+    }
+
+    /// Serialize, then exec our binary with the same arguments plus `--resume FILE`. Returns only
+    /// when that failed (the loop then simply goes on).
+    pub(super) fn reexec(&mut self) {
+        self.save_if_dirty();
+        let path = self.setup.run_dir.join(RESUME_FILE);
+        let state = self.resume_state();
+        let written = serde_json::to_vec(&state)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::persist::write_atomic(&path, &b).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            log::error(&format!("reexec: cannot save state to {}: {e}; carrying on", path.display()));
+            return;
+        }
+        let Some(exe) = own_binary() else {
+            log::error("reexec: cannot find our own binary; carrying on");
+            return;
+        };
+        let mut args: Vec<String> = Vec::new();
+        let mut it = self.setup.argv.iter().skip(1);
+        while let Some(a) = it.next() {
+            if a == "--resume" {
+                it.next();
+            } else {
+                args.push(a.clone());
+            }
+        }
+        args.push("--resume".into());
+        args.push(path.display().to_string());
+        log::info(&format!("reexec: executing {} with {} units", exe.display(), state.units.len()));
+        let to_c = |s: &str| CString::new(s).ok();
+        let exe_c = to_c(&exe.to_string_lossy());
+        let mut argv: Vec<CString> = vec![];
+        if let Some(a0) = self.setup.argv.first().and_then(|a| to_c(a)) {
+            argv.push(a0);
+        }
+        argv.extend(args.iter().filter_map(|a| to_c(a)));
+        if let Some(exe_c) = exe_c {
+            // Pending replies and other fds are close-on-exec; children stay our children.
+            let env: Vec<CString> = std::env::vars().filter_map(|(k, v)| to_c(&format!("{k}={v}"))).collect();
+            let e = nix::unistd::execve(&exe_c, &argv, &env);
+            log::error(&format!("reexec: exec {}: {e:?}; carrying on", exe.display()));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
