@@ -10,7 +10,8 @@
 #
 # Usage: initramfs/build.sh [--units DIR]... [--out FILE] [--init FILE] [--no-modules]
 #   --units DIR   also install DIR/*.toml into /etc/tau/units and DIR/bin/* into
-#                 /usr/local/bin (repeatable; a unit with the same name replaces ours)
+#                 /usr/local/bin, DIR/etc/* into /etc/tau (repeatable; a unit with the same
+#                 name replaces ours)
 #   --out FILE    output image (default: target/tauos-initramfs.cpio.gz)
 #   --init FILE   use FILE as /init and /sbin/init instead of tau-init, and do not build
 #                 the root package (for booting a placeholder while tau-init is unfinished;
@@ -128,6 +129,9 @@ for dir in "${EXTRA_UNITS[@]}"; do
     for f in "$dir"/*.toml; do [ -f "$f" ] || continue; install -m 0644 "$f" etc/tau/units/; found=1; done
     if [ -d "$dir/bin" ]; then
         for f in "$dir"/bin/*; do [ -f "$f" ] || continue; install -m 0755 "$f" usr/local/bin/; found=1; done
+    fi
+    if [ -d "$dir/etc" ]; then
+        for f in "$dir"/etc/*; do [ -f "$f" ] || continue; install -m 0644 "$f" etc/tau/; found=1; done
     fi
     [ "$found" = 1 ] || tau_log "warning: nothing to install from $dir"
 done

@@ -118,6 +118,9 @@ pub struct UnitState {
     pub ready_timed_out: bool,
     /// Why the unit is failed or waiting, in plain words.
     pub reason: Option<String>,
+    /// Admin stop: signal once every unit that requires this one is down.
+    #[serde(default)]
+    pub stop_queued: bool,
 }
 
 impl UnitState {
@@ -135,6 +138,7 @@ impl UnitState {
             restart_after_stop: false,
             ready_timed_out: false,
             reason: None,
+            stop_queued: false,
         }
     }
 
@@ -389,7 +393,14 @@ impl Supervisor {
                 let s = &mut self.states[i];
                 s.attempts = 0;
                 s.reason = None;
-                if s.is_up() {
+                if s.phase == Phase::Backoff {
+                    // Do not wait for the backoff: start now.
+                    out.push(Action::CancelTimer { unit: i, kind: TimerKind::Restart });
+                    s.restart_at = None;
+                    s.wanted = true;
+                    self.set_phase(i, Phase::Stopped, now);
+                    self.kick(now, &mut out);
+                } else if s.is_up() {
                     s.restart_after_stop = true;
                     s.wanted = true;
                     self.begin_stop(i, now, &mut out);
@@ -468,6 +479,7 @@ impl Supervisor {
     /// Start every wanted, stopped unit whose dependencies are up; fail those whose required
     /// dependency failed.
     fn kick(&mut self, now: Now, out: &mut Vec<Action>) {
+        self.advance_stops(now, out);
         if self.shutting_down {
             return;
         }
@@ -539,7 +551,8 @@ impl Supervisor {
         }
     }
 
-    /// Admin stop: the unit and, first, every unit that requires it.
+    /// Admin stop: the unit and every unit that (transitively) requires it; each is signalled
+    /// once the units requiring it are down.
     fn stop_with_requirers(&mut self, i: usize, now: Now, out: &mut Vec<Action>) {
         let mut stack = vec![i];
         let mut seen = vec![false; self.units.len()];
@@ -550,15 +563,30 @@ impl Supervisor {
             let s = &mut self.states[u];
             s.wanted = false;
             s.restart_after_stop = false;
+            s.stop_queued = true;
             if s.phase == Phase::Failed {
                 s.phase = Phase::Stopped;
                 s.reason = None;
             }
-            self.begin_stop(u, now, out);
             for (j, req) in self.requires.iter().enumerate() {
                 if req.contains(&u) {
                     stack.push(j);
                 }
+            }
+        }
+        self.advance_stops(now, out);
+    }
+
+    /// Signal queued admin stops whose requirers are all down.
+    fn advance_stops(&mut self, now: Now, out: &mut Vec<Action>) {
+        for u in 0..self.units.len() {
+            if !self.states[u].stop_queued {
+                continue;
+            }
+            let blocked = (0..self.units.len()).any(|j| self.requires[j].contains(&u) && self.states[j].is_up());
+            if !blocked {
+                self.states[u].stop_queued = false;
+                self.begin_stop(u, now, out);
             }
         }
     }
@@ -646,6 +674,7 @@ impl Supervisor {
                 out.push(Action::Alert(format!("{name}: {why}")));
                 self.fail(i, why, now);
                 self.fail_requirers(i, now, out);
+                self.kick(now, out);
             }
             Decision::SafeMode if self.mode == Mode::Normal => {
                 self.record(i, exit, core_dumped, uptime, "safe_mode", now, out);
@@ -658,6 +687,7 @@ impl Supervisor {
                 out.push(Action::Alert(format!("{name}: {why}; needs an admin")));
                 self.fail(i, why, now);
                 self.fail_requirers(i, now, out);
+                self.kick(now, out);
             }
         }
     }

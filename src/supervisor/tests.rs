@@ -525,17 +525,19 @@ fn critical_exhaustion_enters_safe_mode() {
 
 #[test]
 fn non_critical_exhaustion_alerts_and_others_keep_running() {
-    let mut h = h(vec![unit("a").max_attempts(1), unit("b")]);
+    let mut h = h(vec![unit("a").max_attempts(1), unit("b"), unit("c").requires(&["a"])]);
     h.boot();
     let b_pid = h.st("b").pid;
     h.fail("a");
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
-    assert_eq!(h.alerts, vec!["a: crashed 2 times (exit:1), giving up".to_string()]);
+    assert_eq!(h.alerts[0], "a: crashed 2 times (exit:1), giving up");
     assert_eq!(h.st("a").reason.as_deref(), Some("crashed 2 times (exit:1), giving up"));
     assert_eq!(h.actions("a"), ["restart", "gave_up"]);
     assert_eq!(h.sup.mode, Mode::Normal);
-    assert!(h.kills.is_empty());
+    // Only the unit requiring a is stopped; b is untouched.
+    assert_eq!(h.killed_names(), vec!["c"]);
+    assert_eq!(h.alerts[1..], ["c: stopping: required unit a failed".to_string()]);
     assert_eq!((h.phase("b"), h.st("b").pid), (Phase::Running, b_pid));
 }
 
@@ -603,7 +605,7 @@ fn crash_record_fields() {
     h.advance_to(1400);
     h.crash("a", ExitInfo::Exited { code: 3 });
     let got: Vec<(bool, u64, u32)> = h.crash_log.iter().map(|r| (r.core_dumped, r.uptime_ms, r.attempt)).collect();
-    assert_eq!(got, vec![(true, 1234, 1), (false, 26, 2), (false, 26, 3)]);
+    assert_eq!(got, vec![(true, 1234, 1), (false, 26, 2), (false, 60, 3)]);
 }
 
 #[test]
@@ -634,7 +636,10 @@ fn start_order_follows_dependencies_then_priority() {
         unit("y").priority(Priority::Background),
     ]);
     h.boot();
-    assert_eq!(h.spawn_order(), vec!["z", "a", "b", "c", "y"]);
+    let order: Vec<&str> = h.sup.start_order().iter().map(|&i| h.sup.units[i].name.as_str()).collect();
+    assert_eq!(order, vec!["z", "a", "b", "c", "y"]);
+    // b can only be spawned once a's Spawned made it running; y needs nobody and goes first.
+    assert_eq!(h.spawn_order(), vec!["z", "a", "y", "b", "c"]);
 }
 
 #[test]
@@ -724,7 +729,7 @@ fn required_unit_failing_for_good_fails_waiting_requirer() {
 fn requires_pulls_in_disabled_unit_but_after_does_not() {
     let mut h = h(vec![unit("a").disabled(), unit("b").requires(&["a"]), unit("c").disabled(), unit("d").after(&["c"])]);
     h.boot();
-    assert_eq!(h.spawn_order(), vec!["a", "b", "d"]);
+    assert_eq!(h.spawn_order(), vec!["a", "d", "b"]);
     assert!(h.st("a").wanted);
     assert!(!h.st("c").wanted);
     assert_eq!(h.phase("c"), Phase::Stopped);
@@ -737,13 +742,13 @@ fn admin_stop_stops_requirers_only() {
     h.advance_to(10);
     let a = h.id("a");
     h.feed(Event::Stop(a));
-    let mut killed = h.killed_names();
-    killed.sort_unstable();
-    assert_eq!(killed, vec!["a", "b", "c"]);
-    for n in ["a", "b", "c"] {
+    // Stopped from the top of the requires chain down, each after the one above is gone.
+    assert_eq!(h.killed_names(), vec!["c"]);
+    for n in ["c", "b", "a"] {
         assert_eq!(h.phase(n), Phase::Stopping);
         h.exit(n);
     }
+    assert_eq!(h.killed_names(), vec!["c", "b", "a"]);
     for n in ["a", "b", "c"] {
         assert_eq!((h.phase(n), h.st(n).wanted), (Phase::Stopped, false), "{n}");
     }
@@ -945,7 +950,7 @@ fn stale_timers_are_ignored() {
 // ---------------------------------------------------------------------------------------------
 // Bugs found (failing on purpose until mod.rs is fixed)
 
-// BUG: when a unit fails for good (gave_up / notify_admin) `failure()` never calls `kick()`.
+// Regression: a unit that fails for good (gave_up / notify_admin) must let waiting units go.
 // A unit ordered only `after` it waits while the dependency is wanted and not running; once
 // the dependency is failed (wanted = false) it should start, but nothing re-evaluates it, so
 // it stays "starting" (stopped + wanted) until some unrelated event happens to kick.
@@ -960,7 +965,7 @@ fn after_dependent_starts_once_dependency_fails_for_good() {
     assert_eq!(h.spawn_times("b"), vec![10], "b (after = [a]) left waiting forever");
 }
 
-// BUG: same root cause with max_running: a unit that fails for good frees its slot but the
+// Regression, same root cause with max_running: a unit that fails for good frees its slot but the
 // unit queued on `max_concurrent_processes` is not started.
 #[test]
 fn max_running_slot_freed_by_failed_unit_is_reused() {
@@ -973,14 +978,36 @@ fn max_running_slot_freed_by_failed_unit_is_reused() {
     assert_eq!(h.spawn_times("b"), vec![10], "b still queued although nothing runs");
 }
 
-// BUG (minor, doc vs code): `stop_with_requirers` is documented as "the unit and, first, every
-// unit that requires it", but it signals the unit itself first and its requirers after (and
-// does not wait for them, unlike shutdown ordering).
+// Admin stop of a unit stops the units requiring it first and waits for them to exit.
 #[test]
 fn admin_stop_signals_requirers_first() {
     let mut h = h(vec![unit("a"), unit("b").requires(&["a"])]);
     h.boot();
     let a = h.id("a");
     h.feed(Event::Stop(a));
+    assert_eq!(h.killed_names(), vec!["b"], "a waits until b is down");
+    h.exit("b");
     assert_eq!(h.killed_names(), vec!["b", "a"]);
+}
+
+#[test]
+fn reload_keeps_unchanged_state_and_reports_changes() {
+    let mut h = h(vec![unit("keep"), unit("change"), unit("gone")]);
+    h.boot();
+    h.advance_to(10);
+    let keep_pid = h.st("keep").pid;
+    let gone_pid = h.st("gone").pid;
+    let new_units = vec![unit("keep").0, unit("change").priority(Priority::High).0, unit("new").0];
+    let (next, plan) = h.sup.reloaded(new_units);
+    let name = |i: usize| next.units[i].name.clone();
+    assert_eq!(plan.unchanged.iter().map(|&i| name(i)).collect::<Vec<_>>(), vec!["keep"]);
+    assert_eq!(plan.changed.iter().map(|&i| name(i)).collect::<Vec<_>>(), vec!["change"]);
+    assert_eq!(plan.added.iter().map(|&i| name(i)).collect::<Vec<_>>(), vec!["new"]);
+    assert_eq!(plan.removed.len(), 1);
+    assert_eq!((plan.removed[0].name.as_str(), plan.removed[0].pid), ("gone", gone_pid));
+    let k = next.find("keep").unwrap();
+    assert_eq!(next.states[k].pid, keep_pid);
+    assert_eq!(next.states[k].phase, Phase::Running);
+    assert_eq!(plan.remap[h.id("keep")], Some(k));
+    assert_eq!(plan.remap[h.id("gone")], None);
 }
