@@ -122,6 +122,12 @@ pub fn mount_persistent(device: &str, fstype: &str, target: &Path, wait_ms: u64)
     }
     let _ = fs::create_dir_all(target);
     let dev = Path::new(device);
+    // The driver probes during module load, so a disk that is there is already in sysfs; only
+    // its /dev node may lag behind. Without a sysfs entry, wait briefly, not the whole time.
+    let in_sysfs = dev
+        .file_name()
+        .is_some_and(|n| Path::new("/sys/class/block").join(n).exists());
+    let wait_ms = if in_sysfs { wait_ms } else { wait_ms.min(200) };
     let deadline = crate::sys::monotonic_ms() + wait_ms;
     while !dev.exists() && crate::sys::monotonic_ms() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -51,11 +51,13 @@ impl Durable {
     }
 
     /// Restore counters and history into a fresh supervisor (units no longer present are
-    /// dropped).
+    /// dropped). A unit that had given up (more failures than `max_attempts`) gets a fresh
+    /// count: a reboot is a new chance. Counts below that carry over, so a unit that crashes
+    /// on every boot still runs out of attempts.
     pub fn apply(&self, s: &mut Supervisor) {
         for (i, u) in s.units.iter().enumerate() {
             if let Some(c) = self.units.get(&u.name) {
-                s.states[i].attempts = c.attempts;
+                s.states[i].attempts = if c.attempts > u.recovery.max_attempts { 0 } else { c.attempts };
                 s.states[i].restarts = c.restarts;
                 s.states[i].last_exit = c.last_exit;
             }
@@ -177,6 +179,22 @@ mod tests {
         }
         assert!(matches!(load(&dir), Loaded::Missing));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn apply_carries_counts_but_gives_a_unit_that_gave_up_a_fresh_start() {
+        let toml = |n: &str| format!("exec = [\"/bin/true\"]\n# {n}\n");
+        let cfg = crate::config::Config::default();
+        let mk = |n: &str| crate::config::parse_unit(n, &toml(n), Path::new("/u.toml"), &cfg).unwrap();
+        let mut sup = Supervisor::new(vec![mk("a"), mk("b")], true, 10);
+        let mut d = sample();
+        d.units.insert("b".into(), UnitCounters { attempts: 4, restarts: 9, last_exit: None });
+        d.apply(&mut sup);
+        let a = sup.find("a").unwrap();
+        let b = sup.find("b").unwrap();
+        assert_eq!((sup.states[a].attempts, sup.states[a].restarts), (2, 5));
+        assert_eq!((sup.states[b].attempts, sup.states[b].restarts), (0, 9));
+        assert_eq!(sup.crashes.len(), 1);
     }
 
     #[test]

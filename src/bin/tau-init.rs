@@ -187,9 +187,11 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     }
     let mut mode = if cmdline.safe_mode || args.safe_mode { Mode::Safe } else { Mode::Normal };
     let (path, explicit) = config_path(&args, Some(&cmdline));
+    let mut config_ok = true;
     let cfg = match config::load_config_or_default(&path, explicit) {
         Ok(c) => c,
         Err(diags) => {
+            config_ok = false;
             for d in &diags {
                 log::error(&format!("config: {d}"));
             }
@@ -243,7 +245,8 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     let mut shown = cfg.clone();
     shown.system.units_dir = units_dir.clone();
     shown.system.run_dir = run_dir.clone();
-    let file_text = std::fs::read_to_string(&path).ok();
+    // A config that failed to load contributed nothing: every value is a built-in default.
+    let file_text = if config_ok { std::fs::read_to_string(&path).ok() } else { None };
     let config_view = tau_init::control::view::config_view(&shown, &path, file_text.as_deref(), &overrides);
     let resume = match &args.resume {
         Some(p) => match tau_init::runtime::ResumeState::take(p) {
