@@ -57,9 +57,10 @@ pub struct Cgroups {
 }
 
 impl Cgroups {
-    /// Set up `<root>/tau` and its five pools. Fails when `root` is not a cgroup2 mount (no
-    /// `cgroup.controllers`); partial failures (a controller refused) are returned as warnings.
-    pub fn setup(root: &Path, max_pids: u64) -> Result<(Self, Vec<String>), String> {
+    /// Set up `<root>/tau` and its five pools (with per-pool CPU weights when `pooling`). Fails
+    /// when `root` is not a cgroup2 mount (no `cgroup.controllers`); partial failures (a
+    /// controller refused) are returned as warnings.
+    pub fn setup(root: &Path, max_pids: u64, pooling: bool) -> Result<(Self, Vec<String>), String> {
         let mut warnings = Vec::new();
         let controllers = root.join("cgroup.controllers");
         let avail = fs::read_to_string(&controllers).map_err(|e| format!("{}: {e}", controllers.display()))?;
@@ -83,12 +84,13 @@ impl Cgroups {
         let enabled: Vec<String> = fs::read_to_string(tau.join("cgroup.subtree_control"))
             .unwrap_or_default()
             .split_whitespace()
-            .map(str::to_string)
+            .map(|c| c.trim_start_matches('+').to_string())
             .collect();
         let me = Self { root: root.to_path_buf(), enabled };
         if me.has("cpu") {
             for p in Priority::ALL {
-                me.write(&me.pool(p), "cpu.weight", &pool_weight(p).to_string(), &mut warnings);
+                let w = if pooling { pool_weight(p) } else { 100 };
+                me.write(&me.pool(p), "cpu.weight", &w.to_string(), &mut warnings);
             }
         }
         if me.has("pids") && max_pids > 0 {
@@ -195,7 +197,7 @@ mod tests {
         fs::create_dir_all(&root).unwrap();
         fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
         // A plain directory does not create kernel files: subtree_control reads back empty.
-        let (cg, _warnings) = Cgroups::setup(&root, 1600).unwrap();
+        let (cg, _warnings) = Cgroups::setup(&root, 1600, true).unwrap();
         for p in Priority::ALL {
             assert!(cg.pool(p).is_dir(), "{p:?}");
         }
@@ -207,7 +209,16 @@ mod tests {
             cg.prepare_unit(Priority::High, "svc", 64, 25.0).unwrap()
         });
         assert!(cg.unit_dir(Priority::High, "svc").is_dir());
+        assert_eq!(fs::read_to_string(cg.pool(Priority::Critical).join("cpu.weight")).unwrap(), "1000");
+        assert_eq!(fs::read_to_string(cg.pool(Priority::Background).join("cpu.weight")).unwrap(), "10");
+        assert_eq!(fs::read_to_string(root.join("tau/pids.max")).unwrap(), "1600");
+        let unit = cg.unit_dir(Priority::High, "svc");
+        assert_eq!(fs::read_to_string(unit.join("memory.max")).unwrap(), "67108864");
+        assert_eq!(fs::read_to_string(unit.join("cpu.max")).unwrap(), "25000 100000");
+        // Without pooling every pool keeps the kernel's default weight.
+        let (cg, _) = Cgroups::setup(&root, 0, false).unwrap();
+        assert_eq!(fs::read_to_string(cg.pool(Priority::Critical).join("cpu.weight")).unwrap(), "100");
         fs::remove_dir_all(&root).unwrap();
-        assert!(Cgroups::setup(Path::new("/nonexistent-cg"), 0).is_err());
+        assert!(Cgroups::setup(Path::new("/nonexistent-cg"), 0, true).is_err());
     }
 }

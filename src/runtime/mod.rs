@@ -162,7 +162,7 @@ impl Runtime {
         };
         let cgroups = if cfg.process_management.enabled && cfg.process_management.process_isolation {
             let max_pids = u64::from(cfg.process_management.max_concurrent_processes).saturating_mul(16);
-            match Cgroups::setup(&cfg.system.cgroup_root, max_pids) {
+            match Cgroups::setup(&cfg.system.cgroup_root, max_pids, cfg.process_management.resource_pooling) {
                 Ok((cg, warnings)) => {
                     for w in warnings {
                         log::warn(&format!("cgroup: {w}"));
