@@ -45,6 +45,32 @@ struct Args {
     resume: Option<PathBuf>,
 }
 
+/// As PID 1 the kernel hands us the command-line words it did not understand (`single`,
+/// `quiet`, ...): keep only our own flags (and their values) so they still take effect.
+fn known_flags(argv: impl Iterator<Item = String>) -> Vec<String> {
+    const WITH_VALUE: [&str; 4] = ["--config", "--units", "--run-dir", "--resume"];
+    const SWITCHES: [&str; 6] = ["--foreground", "--validate", "--safe-mode", "--daemon", "--check", "--version"];
+    let mut out = Vec::new();
+    let mut it = argv.into_iter();
+    if let Some(a0) = it.next() {
+        out.push(a0);
+    }
+    while let Some(a) = it.next() {
+        let name = a.split('=').next().unwrap_or_default();
+        if WITH_VALUE.contains(&name) {
+            out.push(a.clone());
+            if !a.contains('=')
+                && let Some(v) = it.next()
+            {
+                out.push(v);
+            }
+        } else if SWITCHES.contains(&a.as_str()) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 static CRASH: AtomicU8 = AtomicU8::new(0);
 
 fn crash_code(a: CrashAction) -> u8 {
@@ -85,7 +111,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
-        Err(_) => Args::default(),
+        Err(_) => Args::try_parse_from(known_flags(std::env::args())).unwrap_or_default(),
     };
     std::panic::set_hook(Box::new(|info| {
         let msg = format!("tau-init: internal error: {info}\n");
@@ -165,12 +191,29 @@ fn config_path(args: &Args, cmdline: Option<&Cmdline>) -> (PathBuf, bool) {
 
 fn run(args: Args, pid1: bool) -> ExitCode {
     let mut cmdline = Cmdline::default();
-    let booted = pid1 && boot::booted_by_kernel();
+    // After `taucli reexec` the previous instance already did the boot-time work.
+    let resume = match &args.resume {
+        Some(p) => match tau_init::runtime::ResumeState::take(p) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::error(&format!("reexec: cannot resume ({e}); starting units afresh"));
+                None
+            }
+        },
+        None => None,
+    };
+    let resumed = resume.is_some();
+    let booted = match &resume {
+        Some(r) => r.booted,
+        None => pid1 && boot::booted_by_kernel(),
+    };
     if booted {
-        boot::mount_api_filesystems();
-        boot::ensure_console();
-        if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
-            log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
+        if !resumed {
+            boot::mount_api_filesystems();
+            boot::ensure_console();
+            if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+                log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
+            }
         }
         cmdline = config::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
         CRASH.store(crash_code(cmdline.crash), Ordering::Relaxed);
@@ -214,7 +257,7 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         if pid1 { "PID 1" } else { "subreaper supervisor" }
     ));
     let mut persistent_mounted = false;
-    if booted {
+    if booted && !resumed {
         boot::set_hostname(&cfg.system.hostname);
         boot::load_modules(&cfg.system.module_dir, &cfg.system.modules);
         persistent_mounted = boot::mount_persistent(
@@ -248,16 +291,6 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     // A config that failed to load contributed nothing: every value is a built-in default.
     let file_text = if config_ok { std::fs::read_to_string(&path).ok() } else { None };
     let config_view = tau_init::control::view::config_view(&shown, &path, file_text.as_deref(), &overrides);
-    let resume = match &args.resume {
-        Some(p) => match tau_init::runtime::ResumeState::take(p) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                log::error(&format!("reexec: cannot resume ({e}); starting units afresh"));
-                None
-            }
-        },
-        None => None,
-    };
     let setup = Setup {
         config: cfg,
         units,
@@ -325,5 +358,20 @@ fn builtin_shell() -> config::Unit {
             max_attempts: 3,
             reset_after_ms: 60_000,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_leftovers_are_dropped_and_our_flags_kept() {
+        let argv = ["/init", "single", "quiet", "--resume", "/run/tau/reexec-state.json", "--run-dir=/run/x", "-s"];
+        let kept = known_flags(argv.iter().map(|s| s.to_string()));
+        assert_eq!(kept, vec!["/init", "--resume", "/run/tau/reexec-state.json", "--run-dir=/run/x"]);
+        let a = Args::try_parse_from(kept).unwrap();
+        assert_eq!(a.resume.as_deref(), Some(Path::new("/run/tau/reexec-state.json")));
+        assert_eq!(a.run_dir.as_deref(), Some(Path::new("/run/x")));
     }
 }

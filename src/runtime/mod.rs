@@ -478,9 +478,14 @@ impl Runtime {
         {
             cg.kill_unit(u.priority, &u.name);
         }
-        // The unit leads its own session and process group: signal all of it.
-        if crate::sys::kill(-pid, signal).is_err() {
-            let _ = crate::sys::kill(pid, signal);
+        // The unit leads its own session and process group: signal all of it, unless it moved
+        // itself to another group (then only the main process).
+        let target = match nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))) {
+            Ok(g) if g.as_raw() == pid => -pid,
+            _ => pid,
+        };
+        if let Err(e) = crate::sys::kill(target, signal) {
+            log::warn(&format!("{}: kill {target} {signal}: {}", u.name, e.desc()));
         }
     }
 
