@@ -18,15 +18,34 @@ struct ApiMount {
     data: Option<&'static str>,
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags =
-    MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
 
 /// The declarative table of API filesystems, mounted in order.
 fn api_mounts() -> [ApiMount; 8] {
     [
-        ApiMount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: None },
-        ApiMount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: None },
-        ApiMount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
+        ApiMount {
+            source: "proc",
+            target: "/proc",
+            fstype: "proc",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: None,
+        },
+        ApiMount {
+            source: "sysfs",
+            target: "/sys",
+            fstype: "sysfs",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: None,
+        },
+        ApiMount {
+            source: "devtmpfs",
+            target: "/dev",
+            fstype: "devtmpfs",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
         ApiMount {
             source: "devpts",
             target: "/dev/pts",
@@ -34,10 +53,34 @@ fn api_mounts() -> [ApiMount; 8] {
             flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
             data: Some("gid=5,mode=620,ptmxmode=000"),
         },
-        ApiMount { source: "tmpfs", target: "/dev/shm", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
-        ApiMount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=0755") },
-        ApiMount { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: NOSUID_NODEV_NOEXEC, data: Some("nsdelegate") },
-        ApiMount { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
+        ApiMount {
+            source: "tmpfs",
+            target: "/dev/shm",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+            data: Some("mode=1777"),
+        },
+        ApiMount {
+            source: "tmpfs",
+            target: "/run",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+            data: Some("mode=0755"),
+        },
+        ApiMount {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: Some("nsdelegate"),
+        },
+        ApiMount {
+            source: "tmpfs",
+            target: "/tmp",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+            data: Some("mode=1777"),
+        },
     ]
 }
 
@@ -86,7 +129,11 @@ pub fn ensure_console() {
     if crate::sys::stdio_open() {
         return;
     }
-    if let Ok(f) = fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+    if let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
         use std::os::fd::AsFd;
         let _ = nix::unistd::dup2_stdin(f.as_fd());
         let _ = nix::unistd::dup2_stdout(f.as_fd());
@@ -97,7 +144,11 @@ pub fn ensure_console() {
 /// Load kernel modules in order with `finit_module`. A module already loaded (EEXIST) is fine.
 pub fn load_modules(dir: &Path, modules: &[String]) {
     for m in modules {
-        let path = if Path::new(m).is_absolute() { Path::new(m).to_path_buf() } else { dir.join(m) };
+        let path = if Path::new(m).is_absolute() {
+            Path::new(m).to_path_buf()
+        } else {
+            dir.join(m)
+        };
         let file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) => {
@@ -107,7 +158,9 @@ pub fn load_modules(dir: &Path, modules: &[String]) {
         };
         match crate::sys::finit_module(&file, c"") {
             Ok(()) => log::info(&format!("loaded module {}", path.display())),
-            Err(nix::errno::Errno::EEXIST) => log::debug(&format!("module {} already loaded", path.display())),
+            Err(nix::errno::Errno::EEXIST) => {
+                log::debug(&format!("module {} already loaded", path.display()))
+            }
             Err(e) => log::warn(&format!("module {}: {}", path.display(), e.desc())),
         }
     }
@@ -133,20 +186,43 @@ pub fn mount_persistent(device: &str, fstype: &str, target: &Path, wait_ms: u64)
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     if dev.exists() {
-        match mount(Some(dev), target, Some(fstype), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>) {
+        match mount(
+            Some(dev),
+            target,
+            Some(fstype),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        ) {
             Ok(()) => {
-                log::info(&format!("mounted persistent disk {device} ({fstype}) on {}", target.display()));
+                log::info(&format!(
+                    "mounted persistent disk {device} ({fstype}) on {}",
+                    target.display()
+                ));
                 return true;
             }
-            Err(e) => log::error(&format!("mount {device} on {}: {}", target.display(), e.desc())),
+            Err(e) => log::error(&format!(
+                "mount {device} on {}: {}",
+                target.display(),
+                e.desc()
+            )),
         }
     }
-    match mount(Some("tmpfs"), target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")) {
+    match mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    ) {
         Ok(()) => log::warn(&format!(
             "no persistent disk ({device} absent or unusable): {} is tmpfs, session state and logs will not survive a reboot",
             target.display()
         )),
-        Err(e) => log::error(&format!("mount tmpfs on {}: {}", target.display(), e.desc())),
+        Err(e) => log::error(&format!(
+            "mount tmpfs on {}: {}",
+            target.display(),
+            e.desc()
+        )),
     }
     false
 }
@@ -166,10 +242,18 @@ pub fn unmount_persistent(target: &Path) {
     match umount2(target, MntFlags::empty()) {
         Ok(()) => log::info(&format!("unmounted {}", target.display())),
         Err(e) => {
-            log::warn(&format!("umount {}: {}; remounting read-only", target.display(), e.desc()));
+            log::warn(&format!(
+                "umount {}: {}; remounting read-only",
+                target.display(),
+                e.desc()
+            ));
             let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
             if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
-                log::error(&format!("remount {} read-only: {}", target.display(), e.desc()));
+                log::error(&format!(
+                    "remount {} read-only: {}",
+                    target.display(),
+                    e.desc()
+                ));
             }
         }
     }

@@ -34,7 +34,11 @@ pub fn cpu_max(percent: f64) -> String {
 
 /// `memory.max` text for a MiB limit (`max` for none).
 pub fn memory_max(mb: u64) -> String {
-    if mb == 0 { "max".to_string() } else { mb.saturating_mul(1024 * 1024).to_string() }
+    if mb == 0 {
+        "max".to_string()
+    } else {
+        mb.saturating_mul(1024 * 1024).to_string()
+    }
 }
 
 /// Controllers listed in a `cgroup.controllers` text that we want, as `+a +b`.
@@ -63,7 +67,8 @@ impl Cgroups {
     pub fn setup(root: &Path, max_pids: u64, pooling: bool) -> Result<(Self, Vec<String>), String> {
         let mut warnings = Vec::new();
         let controllers = root.join("cgroup.controllers");
-        let avail = fs::read_to_string(&controllers).map_err(|e| format!("{}: {e}", controllers.display()))?;
+        let avail = fs::read_to_string(&controllers)
+            .map_err(|e| format!("{}: {e}", controllers.display()))?;
         let line = enable_line(&avail);
         let tau = root.join("tau");
         mkdir(&tau)?;
@@ -71,7 +76,10 @@ impl Cgroups {
             if !line.is_empty()
                 && let Err(e) = fs::write(dir.join("cgroup.subtree_control"), &line)
             {
-                warnings.push(format!("{}: enable {line}: {e}", dir.join("cgroup.subtree_control").display()));
+                warnings.push(format!(
+                    "{}: enable {line}: {e}",
+                    dir.join("cgroup.subtree_control").display()
+                ));
             }
         };
         enable(root);
@@ -86,7 +94,10 @@ impl Cgroups {
             .split_whitespace()
             .map(|c| c.trim_start_matches('+').to_string())
             .collect();
-        let me = Self { root: root.to_path_buf(), enabled };
+        let me = Self {
+            root: root.to_path_buf(),
+            enabled,
+        };
         if me.has("cpu") {
             for p in Priority::ALL {
                 let w = if pooling { pool_weight(p) } else { 100 };
@@ -105,7 +116,10 @@ impl Cgroups {
 
     fn write(&self, dir: &Path, file: &str, value: &str, warnings: &mut Vec<String>) {
         if let Err(e) = fs::write(dir.join(file), value) {
-            warnings.push(format!("{}: write {value:?}: {e}", dir.join(file).display()));
+            warnings.push(format!(
+                "{}: write {value:?}: {e}",
+                dir.join(file).display()
+            ));
         }
     }
 
@@ -185,7 +199,10 @@ mod tests {
 
     #[test]
     fn only_offered_controllers_are_enabled() {
-        assert_eq!(enable_line("cpuset cpu io memory hugetlb pids rdma misc"), "+cpuset +cpu +io +memory +pids");
+        assert_eq!(
+            enable_line("cpuset cpu io memory hugetlb pids rdma misc"),
+            "+cpuset +cpu +io +memory +pids"
+        );
         assert_eq!(enable_line("memory pids"), "+memory +pids");
         assert_eq!(enable_line(""), "");
     }
@@ -201,23 +218,46 @@ mod tests {
         for p in Priority::ALL {
             assert!(cg.pool(p).is_dir(), "{p:?}");
         }
-        assert_eq!(fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(), "+cpu +memory +pids");
-        let (_fd, _w) = cg.prepare_unit(Priority::High, "svc", 64, 25.0).unwrap_or_else(|e| {
-            // cgroup.procs does not exist in a fake tree until created: create and retry.
-            assert!(e.contains("cgroup.procs"), "{e}");
-            fs::write(cg.unit_dir(Priority::High, "svc").join("cgroup.procs"), "").unwrap();
-            cg.prepare_unit(Priority::High, "svc", 64, 25.0).unwrap()
-        });
+        assert_eq!(
+            fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory +pids"
+        );
+        let (_fd, _w) = cg
+            .prepare_unit(Priority::High, "svc", 64, 25.0)
+            .unwrap_or_else(|e| {
+                // cgroup.procs does not exist in a fake tree until created: create and retry.
+                assert!(e.contains("cgroup.procs"), "{e}");
+                fs::write(cg.unit_dir(Priority::High, "svc").join("cgroup.procs"), "").unwrap();
+                cg.prepare_unit(Priority::High, "svc", 64, 25.0).unwrap()
+            });
         assert!(cg.unit_dir(Priority::High, "svc").is_dir());
-        assert_eq!(fs::read_to_string(cg.pool(Priority::Critical).join("cpu.weight")).unwrap(), "1000");
-        assert_eq!(fs::read_to_string(cg.pool(Priority::Background).join("cpu.weight")).unwrap(), "10");
-        assert_eq!(fs::read_to_string(root.join("tau/pids.max")).unwrap(), "1600");
+        assert_eq!(
+            fs::read_to_string(cg.pool(Priority::Critical).join("cpu.weight")).unwrap(),
+            "1000"
+        );
+        assert_eq!(
+            fs::read_to_string(cg.pool(Priority::Background).join("cpu.weight")).unwrap(),
+            "10"
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("tau/pids.max")).unwrap(),
+            "1600"
+        );
         let unit = cg.unit_dir(Priority::High, "svc");
-        assert_eq!(fs::read_to_string(unit.join("memory.max")).unwrap(), "67108864");
-        assert_eq!(fs::read_to_string(unit.join("cpu.max")).unwrap(), "25000 100000");
+        assert_eq!(
+            fs::read_to_string(unit.join("memory.max")).unwrap(),
+            "67108864"
+        );
+        assert_eq!(
+            fs::read_to_string(unit.join("cpu.max")).unwrap(),
+            "25000 100000"
+        );
         // Without pooling every pool keeps the kernel's default weight.
         let (cg, _) = Cgroups::setup(&root, 0, false).unwrap();
-        assert_eq!(fs::read_to_string(cg.pool(Priority::Critical).join("cpu.weight")).unwrap(), "100");
+        assert_eq!(
+            fs::read_to_string(cg.pool(Priority::Critical).join("cpu.weight")).unwrap(),
+            "100"
+        );
         fs::remove_dir_all(&root).unwrap();
         assert!(Cgroups::setup(Path::new("/nonexistent-cg"), 0, true).is_err());
     }

@@ -7,10 +7,10 @@
 pub mod boot;
 /// cgroup v2 pools per priority and per-unit cgroups with limits.
 pub mod cgroup;
-/// The control FIFO: protocol, server side, client side, and the views it answers with.
-pub mod control;
 /// Config file, unit files and kernel command line: parsing and validation (pure).
 pub mod config;
+/// The control FIFO: protocol, server side, client side, and the views it answers with.
+pub mod control;
 /// The deadline queue that drives every timer of the loop.
 pub mod event;
 /// Console log and the in-memory ring of recent records.

@@ -35,8 +35,13 @@ struct Logger {
     seq: u64,
 }
 
-static LOGGER: Mutex<Logger> =
-    Mutex::new(Logger { level: Level::Info, ring: VecDeque::new(), dropped: 0, counts: [0; 4], seq: 0 });
+static LOGGER: Mutex<Logger> = Mutex::new(Logger {
+    level: Level::Info,
+    ring: VecDeque::new(),
+    dropped: 0,
+    counts: [0; 4],
+    seq: 0,
+});
 
 fn with<R>(f: impl FnOnce(&mut Logger) -> R) -> R {
     let mut g = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
@@ -112,7 +117,11 @@ pub fn recent(n: usize, unit: Option<&str>, since: u64) -> Vec<Record> {
             .iter()
             .rev()
             .take_while(|r| r.seq > since)
-            .filter(|r| unit.is_none_or(|u| r.unit.as_deref() == Some(u) || r.message.starts_with(&format!("{u}:"))))
+            .filter(|r| {
+                unit.is_none_or(|u| {
+                    r.unit.as_deref() == Some(u) || r.message.starts_with(&format!("{u}:"))
+                })
+            })
             .take(n)
             .cloned()
             .collect();

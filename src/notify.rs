@@ -49,7 +49,10 @@ impl NotifySocket {
         // Units may run as other users: let them send.
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
-        Ok(Self { sock, path: path.to_path_buf() })
+        Ok(Self {
+            sock,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Raw fd for poll registration.
@@ -66,7 +69,12 @@ impl NotifySocket {
         for _ in 0..256 {
             let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT) {
+            let msg = match recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            ) {
                 Ok(m) => m,
                 Err(_) => break,
             };

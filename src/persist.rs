@@ -43,11 +43,19 @@ impl Durable {
             .map(|(u, st)| {
                 (
                     u.name.clone(),
-                    UnitCounters { attempts: st.attempts, restarts: st.restarts, last_exit: st.last_exit },
+                    UnitCounters {
+                        attempts: st.attempts,
+                        restarts: st.restarts,
+                        last_exit: st.last_exit,
+                    },
                 )
             })
             .collect();
-        Self { version: VERSION, crashes: s.crashes.iter().cloned().collect(), units }
+        Self {
+            version: VERSION,
+            crashes: s.crashes.iter().cloned().collect(),
+            units,
+        }
     }
 
     /// Restore counters and history into a fresh supervisor (units no longer present are
@@ -57,12 +65,23 @@ impl Durable {
     pub fn apply(&self, s: &mut Supervisor) {
         for (i, u) in s.units.iter().enumerate() {
             if let Some(c) = self.units.get(&u.name) {
-                s.states[i].attempts = if c.attempts > u.recovery.max_attempts { 0 } else { c.attempts };
+                s.states[i].attempts = if c.attempts > u.recovery.max_attempts {
+                    0
+                } else {
+                    c.attempts
+                };
                 s.states[i].restarts = c.restarts;
                 s.states[i].last_exit = c.last_exit;
             }
         }
-        s.crashes = self.crashes.iter().rev().take(crate::supervisor::CRASH_HISTORY).rev().cloned().collect();
+        s.crashes = self
+            .crashes
+            .iter()
+            .rev()
+            .take(crate::supervisor::CRASH_HISTORY)
+            .rev()
+            .cloned()
+            .collect();
     }
 }
 
@@ -70,7 +89,10 @@ impl Durable {
 pub fn parse(text: &str) -> Result<Durable, String> {
     let d: Durable = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if d.version != VERSION {
-        return Err(format!("unsupported version {} (expected {VERSION})", d.version));
+        return Err(format!(
+            "unsupported version {} (expected {VERSION})",
+            d.version
+        ));
     }
     Ok(d)
 }
@@ -95,7 +117,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// Save the durable state into `dir`.
 pub fn save(dir: &Path, d: &Durable) -> Result<(), String> {
     let json = serde_json::to_vec_pretty(d).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join(STATE_FILE), &json).map_err(|e| format!("{}: {e}", dir.join(STATE_FILE).display()))
+    write_atomic(&dir.join(STATE_FILE), &json)
+        .map_err(|e| format!("{}: {e}", dir.join(STATE_FILE).display()))
 }
 
 /// Outcome of loading the state file.
@@ -105,7 +128,10 @@ pub enum Loaded {
     Missing,
     Ok(Durable),
     /// Unreadable or corrupt: moved aside to the returned path.
-    SetAside { reason: String, moved_to: Option<PathBuf> },
+    SetAside {
+        reason: String,
+        moved_to: Option<PathBuf>,
+    },
 }
 
 /// Load the durable state from `dir`; a corrupt file is renamed to `*.corrupt.<wall-ms>`.
@@ -114,15 +140,25 @@ pub fn load(dir: &Path) -> Loaded {
     let text = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
-        Err(e) => return Loaded::SetAside { reason: format!("{}: {e}", path.display()), moved_to: None },
+        Err(e) => {
+            return Loaded::SetAside {
+                reason: format!("{}: {e}", path.display()),
+                moved_to: None,
+            };
+        }
     };
-    let parsed = std::str::from_utf8(&text).map_err(|e| e.to_string()).and_then(parse);
+    let parsed = std::str::from_utf8(&text)
+        .map_err(|e| e.to_string())
+        .and_then(parse);
     match parsed {
         Ok(d) => Loaded::Ok(d),
         Err(reason) => {
             let aside = path.with_extension(format!("corrupt.{}", crate::sys::wall_ms()));
             let moved_to = fs::rename(&path, &aside).ok().map(|_| aside);
-            Loaded::SetAside { reason: format!("{}: {reason}", path.display()), moved_to }
+            Loaded::SetAside {
+                reason: format!("{}: {reason}", path.display()),
+                moved_to,
+            }
         }
     }
 }
@@ -139,12 +175,25 @@ mod tests {
     }
 
     fn sample() -> Durable {
-        let mut d = Durable { version: VERSION, ..Default::default() };
-        d.units.insert("a".into(), UnitCounters { attempts: 2, restarts: 5, last_exit: Some(ExitInfo::Exited { code: 3 }) });
+        let mut d = Durable {
+            version: VERSION,
+            ..Default::default()
+        };
+        d.units.insert(
+            "a".into(),
+            UnitCounters {
+                attempts: 2,
+                restarts: 5,
+                last_exit: Some(ExitInfo::Exited { code: 3 }),
+            },
+        );
         d.crashes.push(CrashRecord {
             unit: "a".into(),
             time_ms: 1,
-            exit: ExitInfo::Signaled { signal: 11, core_dumped: true },
+            exit: ExitInfo::Signaled {
+                signal: 11,
+                core_dumped: true,
+            },
             core_dumped: true,
             uptime_ms: 20,
             attempt: 2,
@@ -171,7 +220,10 @@ mod tests {
         let json = serde_json::to_string(&sample()).unwrap();
         fs::write(dir.join(STATE_FILE), &json[..json.len() / 2]).unwrap();
         match load(&dir) {
-            Loaded::SetAside { moved_to: Some(p), reason } => {
+            Loaded::SetAside {
+                moved_to: Some(p),
+                reason,
+            } => {
                 assert!(p.exists(), "{p:?}");
                 assert!(reason.contains(STATE_FILE), "{reason}");
             }
@@ -185,10 +237,18 @@ mod tests {
     fn apply_carries_counts_but_gives_a_unit_that_gave_up_a_fresh_start() {
         let toml = |n: &str| format!("exec = [\"/bin/true\"]\n# {n}\n");
         let cfg = crate::config::Config::default();
-        let mk = |n: &str| crate::config::parse_unit(n, &toml(n), Path::new("/u.toml"), &cfg).unwrap();
+        let mk =
+            |n: &str| crate::config::parse_unit(n, &toml(n), Path::new("/u.toml"), &cfg).unwrap();
         let mut sup = Supervisor::new(vec![mk("a"), mk("b")], true, 10);
         let mut d = sample();
-        d.units.insert("b".into(), UnitCounters { attempts: 4, restarts: 9, last_exit: None });
+        d.units.insert(
+            "b".into(),
+            UnitCounters {
+                attempts: 4,
+                restarts: 9,
+                last_exit: None,
+            },
+        );
         d.apply(&mut sup);
         let a = sup.find("a").unwrap();
         let b = sup.find("b").unwrap();
@@ -199,7 +259,14 @@ mod tests {
 
     #[test]
     fn wrong_version_and_missing() {
-        assert!(parse(r#"{"version":99,"crashes":[],"units":{}}"#).unwrap_err().contains("version 99"));
-        assert!(matches!(load(Path::new("/nonexistent-tau-dir")), Loaded::Missing));
+        assert!(
+            parse(r#"{"version":99,"crashes":[],"units":{}}"#)
+                .unwrap_err()
+                .contains("version 99")
+        );
+        assert!(matches!(
+            load(Path::new("/nonexistent-tau-dir")),
+            Loaded::Missing
+        ));
     }
 }

@@ -7,6 +7,8 @@
 //! why it is skipped. Four boots in all: two sharing a persistent disk, one with
 //! `tau.mode=safe`, one with a broken config.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -29,7 +31,11 @@ fn enabled() -> bool {
         return false;
     }
     let image = target_dir().join("tauos-initramfs.cpio.gz");
-    assert!(image.exists(), "TAU_QEMU=1 but no image at {}: run tests/run-all.sh", image.display());
+    assert!(
+        image.exists(),
+        "TAU_QEMU=1 but no image at {}: run tests/run-all.sh",
+        image.display()
+    );
     true
 }
 
@@ -69,14 +75,21 @@ impl Boot {
 
     /// The detail of an informational line (`TAU-TEST: token VALUE`).
     fn value(&self, name: &str) -> Option<String> {
-        self.checks().into_iter().find(|(n, _, _)| n == name).map(|(_, _, d)| d)
+        self.checks()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, d)| d)
     }
 
     /// Every listed check reported ok; and nothing failed.
     fn assert_ok(&self, expected: &[&str]) {
         let checks = self.checks();
         let failed: Vec<_> = checks.iter().filter(|(_, ok, _)| !ok).collect();
-        assert!(failed.is_empty(), "failed checks {failed:?}\nconsole: {}", self.log_path.display());
+        assert!(
+            failed.is_empty(),
+            "failed checks {failed:?}\nconsole: {}",
+            self.log_path.display()
+        );
         for want in expected {
             assert!(
                 checks.iter().any(|(n, ok, _)| n == want && *ok),
@@ -89,11 +102,32 @@ impl Boot {
 
     /// The guest powered itself off through tau-init (QEMU exited 0 on its own).
     fn assert_clean_poweroff(&self, scenario: &str) {
-        assert!(self.log.contains(&format!("TAU-TEST-DONE {scenario}")), "driver did not finish: {}", self.log_path.display());
-        assert!(self.log.contains("shutdown: all units stopped"), "no orderly stop: {}", self.log_path.display());
-        assert!(self.log.contains("reboot: Power down"), "no power-off: {}", self.log_path.display());
-        assert_eq!(self.status, Some(0), "qemu exit status (console {})", self.log_path.display());
-        assert!(!self.log.contains("Kernel panic"), "kernel panic: {}", self.log_path.display());
+        assert!(
+            self.log.contains(&format!("TAU-TEST-DONE {scenario}")),
+            "driver did not finish: {}",
+            self.log_path.display()
+        );
+        assert!(
+            self.log.contains("shutdown: all units stopped"),
+            "no orderly stop: {}",
+            self.log_path.display()
+        );
+        assert!(
+            self.log.contains("reboot: Power down"),
+            "no power-off: {}",
+            self.log_path.display()
+        );
+        assert_eq!(
+            self.status,
+            Some(0),
+            "qemu exit status (console {})",
+            self.log_path.display()
+        );
+        assert!(
+            !self.log.contains("Kernel panic"),
+            "kernel panic: {}",
+            self.log_path.display()
+        );
     }
 
     /// Line number of the first console line containing `needle`.
@@ -121,8 +155,16 @@ fn boot(scenario: &str, append: &str, disk: Option<&Path>, dir: &Path) -> Boot {
     let status = cmd.status().expect("run qemu/run.sh").code();
     let secs = start.elapsed().as_secs_f64();
     let log = String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()).into_owned();
-    println!("boot {scenario}: {secs:.1} s, qemu/run.sh exit {status:?}, console {}", log_path.display());
-    Boot { log, status, log_path, secs }
+    println!(
+        "boot {scenario}: {secs:.1} s, qemu/run.sh exit {status:?}, console {}",
+        log_path.display()
+    );
+    Boot {
+        log,
+        status,
+        log_path,
+        secs,
+    }
 }
 
 /// Read a file from an ext4 image with debugfs (e2fsprogs), without mounting it.
@@ -161,16 +203,29 @@ fn boot_crash_recovery_persistence_and_safe_mode_fallback() {
     ]);
     b1.assert_clean_poweroff("boot1");
     // taucli poweroff stopped everything in order: lower priorities and dependents first.
-    let order: Vec<usize> = ["sandboxd", "tau-session", "tau-displaysvc", "tau-inputd", "tau-powerd"]
-        .iter()
-        .map(|u| b1.line_of(&format!("tau-init: info: {u}: stopping")))
-        .collect();
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "stop order {order:?}: {}", b1.log_path.display());
+    let order: Vec<usize> = [
+        "sandboxd",
+        "tau-session",
+        "tau-displaysvc",
+        "tau-inputd",
+        "tau-powerd",
+    ]
+    .iter()
+    .map(|u| b1.line_of(&format!("tau-init: info: {u}: stopping")))
+    .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "stop order {order:?}: {}",
+        b1.log_path.display()
+    );
     assert!(b1.line_of("unmounted /var") > order[4]);
     // Data the driver wrote just before power-off is on the disk.
     let token = b1.value("token").expect("token line");
     assert!(token.starts_with("tok-"), "{token}");
-    assert_eq!(debugfs_cat(&disk, "/lib/tau/session_state/qemu-test/last-words"), token);
+    assert_eq!(
+        debugfs_cat(&disk, "/lib/tau/session_state/qemu-test/last-words"),
+        token
+    );
     assert!(debugfs_cat(&disk, "/lib/tau/tau-init.state.json").contains("tau-inputd"));
 
     // Boot 2: same disk; then a critical unit crashes past max_attempts.
@@ -185,8 +240,18 @@ fn boot_crash_recovery_persistence_and_safe_mode_fallback() {
         "safe-units-running",
         "emergency-shell",
     ]);
-    assert_eq!(b2.value("last-words").as_deref(), Some(token.as_str()), "{}", b2.log_path.display());
-    assert!(b2.log.contains("entering safe mode: critical unit tau-session failed"), "{}", b2.log_path.display());
+    assert_eq!(
+        b2.value("last-words").as_deref(),
+        Some(token.as_str()),
+        "{}",
+        b2.log_path.display()
+    );
+    assert!(
+        b2.log
+            .contains("entering safe mode: critical unit tau-session failed"),
+        "{}",
+        b2.log_path.display()
+    );
     b2.assert_clean_poweroff("boot2");
     println!("persistence suite: {:.1} s of boots", b1.secs + b2.secs);
     let _ = std::fs::remove_dir_all(&dir);
@@ -199,9 +264,24 @@ fn kernel_command_line_safe_mode() {
     }
     let dir = scratch("safe");
     let b = boot("safe", "tau.mode=safe tau.bogus=1", None, &dir);
-    b.assert_ok(&["mode-safe", "emergency-shell", "only-safe-units", "safe-units-running"]);
-    assert!(b.log.contains("kernel command line: unknown argument tau.bogus=1") || b.log.contains("tau.bogus"), "{}", b.log_path.display());
-    assert!(b.log.contains("/var is tmpfs"), "no-disk boot must say /var is tmpfs: {}", b.log_path.display());
+    b.assert_ok(&[
+        "mode-safe",
+        "emergency-shell",
+        "only-safe-units",
+        "safe-units-running",
+    ]);
+    assert!(
+        b.log
+            .contains("kernel command line: unknown argument tau.bogus=1")
+            || b.log.contains("tau.bogus"),
+        "{}",
+        b.log_path.display()
+    );
+    assert!(
+        b.log.contains("/var is tmpfs"),
+        "no-disk boot must say /var is tmpfs: {}",
+        b.log_path.display()
+    );
     b.assert_clean_poweroff("safe");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -214,8 +294,17 @@ fn broken_config_boots_safe_mode_and_says_why() {
     let dir = scratch("broken");
     let b = boot("broken", "tau.config=/etc/tau/broken.toml", None, &dir);
     b.assert_ok(&["mode-safe", "error-logged", "built-in-defaults"]);
-    assert!(b.log.contains("config is broken: booting in safe mode with built-in defaults"), "{}", b.log_path.display());
-    assert!(b.log.contains("/etc/tau/broken.toml:3:"), "{}", b.log_path.display());
+    assert!(
+        b.log
+            .contains("config is broken: booting in safe mode with built-in defaults"),
+        "{}",
+        b.log_path.display()
+    );
+    assert!(
+        b.log.contains("/etc/tau/broken.toml:3:"),
+        "{}",
+        b.log_path.display()
+    );
     b.assert_clean_poweroff("broken");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,11 @@ use tau_init::{boot, log, sys};
 const DEFAULT_CONFIG: &str = "/etc/tau/tau.toml";
 
 #[derive(Parser, Debug, Default)]
-#[command(name = "tau-init", version, about = "TauOS init: PID 1 with supervision and monitoring")]
+#[command(
+    name = "tau-init",
+    version,
+    about = "TauOS init: PID 1 with supervision and monitoring"
+)]
 struct Args {
     /// Run as a subreaper supervisor (not PID 1): for containers and tests.
     #[arg(long)]
@@ -49,7 +53,14 @@ struct Args {
 /// `quiet`, ...): keep only our own flags (and their values) so they still take effect.
 fn known_flags(argv: impl Iterator<Item = String>) -> Vec<String> {
     const WITH_VALUE: [&str; 4] = ["--config", "--units", "--run-dir", "--resume"];
-    const SWITCHES: [&str; 6] = ["--foreground", "--validate", "--safe-mode", "--daemon", "--check", "--version"];
+    const SWITCHES: [&str; 6] = [
+        "--foreground",
+        "--validate",
+        "--safe-mode",
+        "--daemon",
+        "--check",
+        "--version",
+    ];
     let mut out = Vec::new();
     let mut it = argv.into_iter();
     if let Some(a0) = it.next() {
@@ -126,7 +137,10 @@ fn main() -> ExitCode {
         return ExitCode::from(3);
     }
     if args.daemon && !pid1 {
-        let log_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("/run/tau"));
+        let log_dir = args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/tau"));
         match sys::daemonize(&log_dir.join("tau-init.log")) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => {}
@@ -137,7 +151,9 @@ fn main() -> ExitCode {
         }
     }
     if !pid1 && !args.foreground && !args.daemon {
-        eprintln!("tau-init: not PID 1; use --foreground to supervise as a subreaper, or --validate");
+        eprintln!(
+            "tau-init: not PID 1; use --foreground to supervise as a subreaper, or --validate"
+        );
         return ExitCode::from(2);
     }
     let result = std::panic::catch_unwind(|| run(args, pid1));
@@ -162,14 +178,22 @@ fn validate(args: &Args) -> ExitCode {
             config::Config::default()
         }
     };
-    let units_dir = args.units.clone().unwrap_or_else(|| cfg.system.units_dir.clone());
+    let units_dir = args
+        .units
+        .clone()
+        .unwrap_or_else(|| cfg.system.units_dir.clone());
     let (units, diags) = config::load_units(&units_dir, &cfg);
     for d in &diags {
         println!("{d}");
     }
     problems += diags.len();
     if problems == 0 {
-        println!("ok: {} and {} units in {}", path.display(), units.len(), units_dir.display());
+        println!(
+            "ok: {} and {} units in {}",
+            path.display(),
+            units.len(),
+            units_dir.display()
+        );
         ExitCode::SUCCESS
     } else {
         println!("{problems} problem(s) found");
@@ -196,7 +220,9 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         Some(p) => match tau_init::runtime::ResumeState::take(p) {
             Ok(r) => Some(r),
             Err(e) => {
-                log::error(&format!("reexec: cannot resume ({e}); starting units afresh"));
+                log::error(&format!(
+                    "reexec: cannot resume ({e}); starting units afresh"
+                ));
                 None
             }
         },
@@ -215,7 +241,8 @@ fn run(args: Args, pid1: bool) -> ExitCode {
                 log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
             }
         }
-        cmdline = config::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+        cmdline =
+            config::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
         CRASH.store(crash_code(cmdline.crash), Ordering::Relaxed);
         for w in &cmdline.warnings {
             log::warn(&format!("kernel command line: {w}"));
@@ -223,12 +250,19 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     } else if pid1 {
         log::info("PID 1 in a container or PID namespace: API filesystems are already mounted");
     } else if let Err(e) = sys::set_child_subreaper() {
-        log::error(&format!("PR_SET_CHILD_SUBREAPER: {}; orphans will not be reaped", e.desc()));
+        log::error(&format!(
+            "PR_SET_CHILD_SUBREAPER: {}; orphans will not be reaped",
+            e.desc()
+        ));
     }
     if let Some(l) = cmdline.log.as_deref().and_then(log::parse_level) {
         log::set_level(l);
     }
-    let mut mode = if cmdline.safe_mode || args.safe_mode { Mode::Safe } else { Mode::Normal };
+    let mut mode = if cmdline.safe_mode || args.safe_mode {
+        Mode::Safe
+    } else {
+        Mode::Normal
+    };
     let (path, explicit) = config_path(&args, Some(&cmdline));
     let mut config_ok = true;
     let cfg = match config::load_config_or_default(&path, explicit) {
@@ -254,7 +288,11 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     log::info(&format!(
         "tau-init {} starting as {}",
         env!("CARGO_PKG_VERSION"),
-        if pid1 { "PID 1" } else { "subreaper supervisor" }
+        if pid1 {
+            "PID 1"
+        } else {
+            "subreaper supervisor"
+        }
     ));
     let mut persistent_mounted = false;
     if booted && !resumed {
@@ -276,7 +314,11 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     if args.run_dir.is_some() {
         overrides.push(("system.run_dir", "command line"));
     }
-    let units_dir = args.units.clone().or(cmdline.units.clone()).unwrap_or_else(|| cfg.system.units_dir.clone());
+    let units_dir = args
+        .units
+        .clone()
+        .or(cmdline.units.clone())
+        .unwrap_or_else(|| cfg.system.units_dir.clone());
     let (mut units, diags) = config::load_units(&units_dir, &cfg);
     for d in &diags {
         log::error(&format!("unit: {d}"));
@@ -284,13 +326,21 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     if booted && !units.iter().any(|u| u.safe_mode_only && u.console) {
         units.push(builtin_shell());
     }
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.system.run_dir.clone());
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| cfg.system.run_dir.clone());
     let mut shown = cfg.clone();
     shown.system.units_dir = units_dir.clone();
     shown.system.run_dir = run_dir.clone();
     // A config that failed to load contributed nothing: every value is a built-in default.
-    let file_text = if config_ok { std::fs::read_to_string(&path).ok() } else { None };
-    let config_view = tau_init::control::view::config_view(&shown, &path, file_text.as_deref(), &overrides);
+    let file_text = if config_ok {
+        std::fs::read_to_string(&path).ok()
+    } else {
+        None
+    };
+    let config_view =
+        tau_init::control::view::config_view(&shown, &path, file_text.as_deref(), &overrides);
     let setup = Setup {
         config: cfg,
         units,
@@ -367,11 +417,30 @@ mod tests {
 
     #[test]
     fn kernel_leftovers_are_dropped_and_our_flags_kept() {
-        let argv = ["/init", "single", "quiet", "--resume", "/run/tau/reexec-state.json", "--run-dir=/run/x", "-s"];
+        let argv = [
+            "/init",
+            "single",
+            "quiet",
+            "--resume",
+            "/run/tau/reexec-state.json",
+            "--run-dir=/run/x",
+            "-s",
+        ];
         let kept = known_flags(argv.iter().map(|s| s.to_string()));
-        assert_eq!(kept, vec!["/init", "--resume", "/run/tau/reexec-state.json", "--run-dir=/run/x"]);
+        assert_eq!(
+            kept,
+            vec![
+                "/init",
+                "--resume",
+                "/run/tau/reexec-state.json",
+                "--run-dir=/run/x"
+            ]
+        );
         let a = Args::try_parse_from(kept).unwrap();
-        assert_eq!(a.resume.as_deref(), Some(Path::new("/run/tau/reexec-state.json")));
+        assert_eq!(
+            a.resume.as_deref(),
+            Some(Path::new("/run/tau/reexec-state.json"))
+        );
         assert_eq!(a.run_dir.as_deref(), Some(Path::new("/run/x")));
     }
 }

@@ -14,7 +14,12 @@ use tau_init::control::client::{CallError, call};
 #[command(name = "taucli", version, about = "Control and inspect tau-init")]
 struct Cli {
     /// tau-init's runtime directory (also TAU_RUN_DIR).
-    #[arg(long = "run-dir", env = "TAU_RUN_DIR", default_value = "/run/tau", global = true)]
+    #[arg(
+        long = "run-dir",
+        env = "TAU_RUN_DIR",
+        default_value = "/run/tau",
+        global = true
+    )]
     run_dir: PathBuf,
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
@@ -108,12 +113,31 @@ fn main() -> ExitCode {
     let mut args = Vec::new();
     let name = match &cli.cmd {
         Cmd::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "taucli", &mut std::io::stdout());
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "taucli",
+                &mut std::io::stdout(),
+            );
             return ExitCode::SUCCESS;
         }
         Cmd::Health => "health",
-        Cmd::Resources { cpu, memory, disk, network, thermal, history } => {
-            for (k, v) in [("cpu", cpu), ("memory", memory), ("disk", disk), ("network", network), ("thermal", thermal), ("history", history)] {
+        Cmd::Resources {
+            cpu,
+            memory,
+            disk,
+            network,
+            thermal,
+            history,
+        } => {
+            for (k, v) in [
+                ("cpu", cpu),
+                ("memory", memory),
+                ("disk", disk),
+                ("network", network),
+                ("thermal", thermal),
+                ("history", history),
+            ] {
                 if *v {
                     flags.insert(k.to_string(), json!(true));
                 }
@@ -128,7 +152,12 @@ fn main() -> ExitCode {
             flags.insert("history".into(), json!(history));
             "recovery"
         }
-        Cmd::Logs { stats, recent, unit, follow: _ } => {
+        Cmd::Logs {
+            stats,
+            recent,
+            unit,
+            follow: _,
+        } => {
             flags.insert("stats".into(), json!(stats));
             if let Some(n) = recent {
                 flags.insert("recent".into(), json!(n));
@@ -157,14 +186,22 @@ fn main() -> ExitCode {
         Cmd::Reboot => "reboot",
         Cmd::Reexec => "reexec",
     };
-    if let Cmd::Logs { follow: true, stats: false, .. } = &cli.cmd {
+    if let Cmd::Logs {
+        follow: true,
+        stats: false,
+        ..
+    } = &cli.cmd
+    {
         return follow(&cli, flags);
     }
     match call(&cli.run_dir, name, args, flags, cli.timeout) {
         Ok(reply) if reply.ok => {
             let data = reply.data.unwrap_or(Value::Null);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&data).unwrap_or_default()
+                );
             } else {
                 print!("{}", render(name, &data));
             }
@@ -193,7 +230,10 @@ fn fail(e: CallError) -> ExitCode {
 /// `logs --follow`: poll for records newer than the last one seen.
 fn follow(cli: &Cli, mut flags: BTreeMap<String, Value>) -> ExitCode {
     let mut since = 0u64;
-    flags.insert("recent".into(), json!(flags.get("recent").and_then(Value::as_u64).unwrap_or(20)));
+    flags.insert(
+        "recent".into(),
+        json!(flags.get("recent").and_then(Value::as_u64).unwrap_or(20)),
+    );
     loop {
         flags.insert("since".into(), json!(since));
         match call(&cli.run_dir, "logs", vec![], flags.clone(), cli.timeout) {
@@ -256,7 +296,13 @@ fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
 
 fn render_record(r: &Value) -> String {
     let t = r["time_ms"].as_u64().unwrap_or(0);
-    format!("{}.{:03}  {:<5}  {}\n", t / 1000, t % 1000, s(&r["level"]), s(&r["message"]))
+    format!(
+        "{}.{:03}  {:<5}  {}\n",
+        t / 1000,
+        t % 1000,
+        s(&r["level"]),
+        s(&r["message"])
+    )
 }
 
 fn render(cmd: &str, d: &Value) -> String {
@@ -276,7 +322,11 @@ fn render(cmd: &str, d: &Value) -> String {
                                 state,
                                 s(&u["pid"]),
                                 s(&u["priority"]),
-                                if u["critical"] == json!(true) { "yes".into() } else { "no".into() },
+                                if u["critical"] == json!(true) {
+                                    "yes".into()
+                                } else {
+                                    "no".into()
+                                },
                                 s(&u["restarts"]),
                                 s(&u["last_exit"]),
                                 s(&u["reason"]),
@@ -288,7 +338,19 @@ fn render(cmd: &str, d: &Value) -> String {
             format!(
                 "mode: {}\n{}",
                 s(&d["mode"]),
-                table(&["UNIT", "STATE", "PID", "PRIORITY", "CRITICAL", "RESTARTS", "LAST-EXIT", "REASON"], rows)
+                table(
+                    &[
+                        "UNIT",
+                        "STATE",
+                        "PID",
+                        "PRIORITY",
+                        "CRITICAL",
+                        "RESTARTS",
+                        "LAST-EXIT",
+                        "REASON"
+                    ],
+                    rows
+                )
             )
         }
         "processes" => {
@@ -309,7 +371,10 @@ fn render(cmd: &str, d: &Value) -> String {
                         .collect()
                 })
                 .unwrap_or_default();
-            table(&["PID", "UNIT", "STATE", "PRIORITY", "RSS-KB", "UPTIME"], rows)
+            table(
+                &["PID", "UNIT", "STATE", "PRIORITY", "RSS-KB", "UPTIME"],
+                rows,
+            )
         }
         "recovery" => {
             let rows = d["units"]
@@ -330,7 +395,17 @@ fn render(cmd: &str, d: &Value) -> String {
                 })
                 .unwrap_or_default();
             let mut out = format!("mode: {}\n", s(&d["mode"]));
-            out += &table(&["UNIT", "STRATEGY", "ATTEMPTS", "RESTARTS", "LAST-EXIT", "STATE"], rows);
+            out += &table(
+                &[
+                    "UNIT",
+                    "STRATEGY",
+                    "ATTEMPTS",
+                    "RESTARTS",
+                    "LAST-EXIT",
+                    "STATE",
+                ],
+                rows,
+            );
             if let Some(h) = d["history"].as_array() {
                 let rows = h
                     .iter()
@@ -346,29 +421,49 @@ fn render(cmd: &str, d: &Value) -> String {
                     })
                     .collect();
                 out += "\ncrash history:\n";
-                out += &table(&["TIME-MS", "UNIT", "EXIT", "UPTIME", "ATTEMPT", "ACTION"], rows);
+                out += &table(
+                    &["TIME-MS", "UNIT", "EXIT", "UPTIME", "ATTEMPT", "ACTION"],
+                    rows,
+                );
             }
             out
         }
         "logs" => {
             if let Some(st) = d.get("stats") {
-                let rows = ["error", "warn", "info", "debug", "kept", "dropped", "capacity", "last_seq"]
-                    .iter()
-                    .map(|k| vec![k.to_string(), s(&st[*k])])
-                    .collect();
+                let rows = [
+                    "error", "warn", "info", "debug", "kept", "dropped", "capacity", "last_seq",
+                ]
+                .iter()
+                .map(|k| vec![k.to_string(), s(&st[*k])])
+                .collect();
                 return table(&["FIELD", "VALUE"], rows);
             }
-            d["records"].as_array().map(|r| r.iter().map(render_record).collect()).unwrap_or_default()
+            d["records"]
+                .as_array()
+                .map(|r| r.iter().map(render_record).collect())
+                .unwrap_or_default()
         }
         "config" => {
             let rows = d["values"]
                 .as_object()
-                .map(|m| m.iter().map(|(k, v)| vec![k.clone(), s(&v["value"]), s(&v["source"])]).collect())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| vec![k.clone(), s(&v["value"]), s(&v["source"])])
+                        .collect()
+                })
                 .unwrap_or_default();
-            format!("file: {}\n{}", s(&d["file"]), table(&["KEY", "VALUE", "SOURCE"], rows))
+            format!(
+                "file: {}\n{}",
+                s(&d["file"]),
+                table(&["KEY", "VALUE", "SOURCE"], rows)
+            )
         }
         "reload" => {
-            let list = |k: &str| d[k].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+            let list = |k: &str| {
+                d[k].as_array()
+                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default()
+            };
             format!(
                 "added: {}\nchanged: {}\nremoved: {}\nunchanged: {}\n",
                 list("added"),

@@ -46,9 +46,16 @@ pub fn call(
     timeout_ms: u64,
 ) -> Result<Reply, CallError> {
     let control = run_dir.join("control");
-    let unreachable = |why: String| CallError::Unreachable(format!("tau-init is unreachable at {}: {why}", control.display()));
+    let unreachable = |why: String| {
+        CallError::Unreachable(format!(
+            "tau-init is unreachable at {}: {why}",
+            control.display()
+        ))
+    };
     if !control.exists() {
-        return Err(unreachable("no control FIFO (is tau-init running with this --run-dir?)".into()));
+        return Err(unreachable(
+            "no control FIFO (is tau-init running with this --run-dir?)".into(),
+        ));
     }
     let reply_dir = run_dir.join("reply");
     let nanos = std::time::SystemTime::now()
@@ -64,7 +71,12 @@ pub fn call(
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| CallError::Failed(format!("open {}: {e}", path.display())))?;
-    let req = Request { reply: path.display().to_string(), cmd: cmd.to_string(), args, flags };
+    let req = Request {
+        reply: path.display().to_string(),
+        cmd: cmd.to_string(),
+        args,
+        flags,
+    };
     let line = encode(&req).map_err(CallError::Failed)?;
     let mut w = OpenOptions::new()
         .write(true)
@@ -72,13 +84,17 @@ pub fn call(
         .open(&control)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENXIO) => unreachable("nobody is reading the control FIFO".into()),
-            Some(libc::EACCES) => CallError::Failed(format!("{}: permission denied", control.display())),
+            Some(libc::EACCES) => {
+                CallError::Failed(format!("{}: permission denied", control.display()))
+            }
             _ => unreachable(e.to_string()),
         })?;
     match w.write(&line) {
         Ok(n) if n == line.len() => {}
         Ok(_) => return Err(unreachable("control FIFO is full".into())),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(unreachable("control FIFO is full".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return Err(unreachable("control FIFO is full".into()));
+        }
         Err(e) => return Err(unreachable(e.to_string())),
     }
     drop(w);

@@ -74,7 +74,11 @@ pub struct Rejected {
 fn reply_hint(text: &str) -> Option<String> {
     // Best effort: find "reply":"..." to tell a client what was wrong with its request.
     let at = text.find("\"reply\"")?;
-    let rest = text[at + 7..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let rest = text[at + 7..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
     let end = rest.find('"')?;
     let p = &rest[..end];
     (p.starts_with('/') && !p.contains('\\')).then(|| p.to_string())
@@ -90,10 +94,16 @@ fn parse_one(text: &str) -> Result<Request, Rejected> {
         reason: format!("malformed request: {e}"),
     })?;
     if !req.reply.starts_with('/') {
-        return Err(Rejected { reply: None, reason: "reply path must be absolute".into() });
+        return Err(Rejected {
+            reply: None,
+            reason: "reply path must be absolute".into(),
+        });
     }
     if is_mutating(&req.cmd).is_none() {
-        return Err(Rejected { reply: Some(req.reply), reason: format!("unknown command {:?}", req.cmd) });
+        return Err(Rejected {
+            reply: Some(req.reply),
+            reason: format!("unknown command {:?}", req.cmd),
+        });
     }
     Ok(req)
 }
@@ -101,10 +111,15 @@ fn parse_one(text: &str) -> Result<Request, Rejected> {
 /// Parse one request line (without its newline).
 pub fn parse_line(line: &[u8]) -> Result<Request, Rejected> {
     if line.len() >= MAX_REQUEST {
-        return Err(Rejected { reply: None, reason: format!("request longer than {MAX_REQUEST} bytes") });
+        return Err(Rejected {
+            reply: None,
+            reason: format!("request longer than {MAX_REQUEST} bytes"),
+        });
     }
-    let text = std::str::from_utf8(line)
-        .map_err(|_| Rejected { reply: None, reason: "request is not UTF-8".into() })?;
+    let text = std::str::from_utf8(line).map_err(|_| Rejected {
+        reply: None,
+        reason: "request is not UTF-8".into(),
+    })?;
     let text = text.trim_end_matches('\r');
     match parse_one(text) {
         Ok(r) => Ok(r),
@@ -178,14 +193,26 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(data: serde_json::Value) -> Self {
-        Self { v: VERSION, ok: true, data: Some(data), error: None }
+        Self {
+            v: VERSION,
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
     }
     pub fn err(msg: impl Into<String>) -> Self {
-        Self { v: VERSION, ok: false, data: None, error: Some(msg.into()) }
+        Self {
+            v: VERSION,
+            ok: false,
+            data: None,
+            error: Some(msg.into()),
+        }
     }
     /// The reply as bytes on the wire (JSON + newline).
     pub fn to_wire(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| br#"{"v":1,"ok":false,"error":"internal: unserialisable reply"}"#.to_vec());
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"v":1,"ok":false,"error":"internal: unserialisable reply"}"#.to_vec()
+        });
         v.push(b'\n');
         v
     }
@@ -207,14 +234,20 @@ mod tests {
     use super::*;
 
     fn req(cmd: &str) -> Request {
-        Request { reply: "/run/tau/reply/c1".into(), cmd: cmd.into(), args: vec![], flags: BTreeMap::new() }
+        Request {
+            reply: "/run/tau/reply/c1".into(),
+            cmd: cmd.into(),
+            args: vec![],
+            flags: BTreeMap::new(),
+        }
     }
 
     #[test]
     fn round_trip() {
         let mut r = req("status");
         r.args.push("tau-session".into());
-        r.flags.insert("critical".into(), serde_json::Value::Bool(true));
+        r.flags
+            .insert("critical".into(), serde_json::Value::Bool(true));
         let wire = encode(&r).unwrap();
         assert!(wire.starts_with(b"TAU/1 {"));
         assert_eq!(parse_line(&wire[..wire.len() - 1]).unwrap(), r);
@@ -222,16 +255,34 @@ mod tests {
 
     #[test]
     fn rejects_with_reasons() {
-        assert_eq!(parse_line(b"hello").unwrap_err().reason, "request does not start with TAU/1");
-        assert!(parse_line(&[0xff, 0x00, 0x13]).unwrap_err().reason.contains("UTF-8"));
+        assert_eq!(
+            parse_line(b"hello").unwrap_err().reason,
+            "request does not start with TAU/1"
+        );
+        assert!(
+            parse_line(&[0xff, 0x00, 0x13])
+                .unwrap_err()
+                .reason
+                .contains("UTF-8")
+        );
         let e = parse_line(br#"TAU/1 {"reply":"/r/x","cmd":"frobnicate"}"#).unwrap_err();
         assert_eq!(e.reply.as_deref(), Some("/r/x"));
         assert!(e.reason.contains("frobnicate"));
         let e = parse_line(br#"TAU/1 {"reply":"/r/x","cmd":"status","bogus":1}"#).unwrap_err();
         assert_eq!(e.reply.as_deref(), Some("/r/x"));
         assert!(e.reason.contains("bogus"), "{}", e.reason);
-        assert!(parse_line(br#"TAU/1 {"reply":"rel","cmd":"status"}"#).unwrap_err().reason.contains("absolute"));
-        assert!(parse_line(&vec![b'a'; MAX_REQUEST]).unwrap_err().reason.contains("longer"));
+        assert!(
+            parse_line(br#"TAU/1 {"reply":"rel","cmd":"status"}"#)
+                .unwrap_err()
+                .reason
+                .contains("absolute")
+        );
+        assert!(
+            parse_line(&vec![b'a'; MAX_REQUEST])
+                .unwrap_err()
+                .reason
+                .contains("longer")
+        );
     }
 
     #[test]
@@ -246,10 +297,19 @@ mod tests {
     fn line_buffer_splits_and_drops_oversized() {
         let mut b = LineBuffer::default();
         assert_eq!(b.push(b"ab"), vec![]);
-        assert_eq!(b.push(b"c\nde\n\nf"), vec![Line::Complete(b"abc".to_vec()), Line::Complete(b"de".to_vec())]);
+        assert_eq!(
+            b.push(b"c\nde\n\nf"),
+            vec![
+                Line::Complete(b"abc".to_vec()),
+                Line::Complete(b"de".to_vec())
+            ]
+        );
         let big = vec![b'x'; MAX_REQUEST + 10];
         assert_eq!(b.push(&big), vec![Line::Oversized]);
-        assert_eq!(b.push(b"more-of-the-long-line\nok\n"), vec![Line::Complete(b"ok".to_vec())]);
+        assert_eq!(
+            b.push(b"more-of-the-long-line\nok\n"),
+            vec![Line::Complete(b"ok".to_vec())]
+        );
         assert_eq!(b.oversized, 1);
     }
 
@@ -263,6 +323,9 @@ mod tests {
     #[test]
     fn reply_wire_format() {
         let w = Reply::err("permission denied").to_wire();
-        assert_eq!(w, b"{\"v\":1,\"ok\":false,\"error\":\"permission denied\"}\n");
+        assert_eq!(
+            w,
+            b"{\"v\":1,\"ok\":false,\"error\":\"permission denied\"}\n"
+        );
     }
 }

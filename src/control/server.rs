@@ -40,7 +40,10 @@ pub struct Incoming {
 pub enum Received {
     Request(Incoming),
     /// Rejected, with the reply FIFO opened when known (to send the error).
-    Rejected { reason: String, reply: Option<File> },
+    Rejected {
+        reason: String,
+        reply: Option<File>,
+    },
 }
 
 /// A reply not yet fully written.
@@ -58,12 +61,15 @@ impl ControlServer {
         let path = run_dir.join("control");
         let reply_dir = run_dir.join("reply");
         fs::create_dir_all(run_dir).map_err(|e| format!("mkdir {}: {e}", run_dir.display()))?;
-        fs::create_dir_all(&reply_dir).map_err(|e| format!("mkdir {}: {e}", reply_dir.display()))?;
+        fs::create_dir_all(&reply_dir)
+            .map_err(|e| format!("mkdir {}: {e}", reply_dir.display()))?;
         fs::set_permissions(&reply_dir, fs::Permissions::from_mode(0o1777))
             .map_err(|e| format!("chmod {}: {e}", reply_dir.display()))?;
         match fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_fifo() => {}
-            Ok(_) => fs::remove_file(&path).map_err(|e| format!("remove {}: {e}", path.display()))?,
+            Ok(_) => {
+                fs::remove_file(&path).map_err(|e| format!("remove {}: {e}", path.display()))?
+            }
             Err(_) => {}
         }
         if !path.exists() {
@@ -81,7 +87,13 @@ impl ControlServer {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| format!("open {}: {e}", path.display()))?;
-        Ok(Self { fifo, path, reply_dir, lines: LineBuffer::default(), rejected: 0 })
+        Ok(Self {
+            fifo,
+            path,
+            reply_dir,
+            lines: LineBuffer::default(),
+            rejected: 0,
+        })
     }
 
     /// Raw fd for poll registration.
@@ -107,7 +119,10 @@ impl ControlServer {
                         match line {
                             Line::Oversized => {
                                 self.rejected += 1;
-                                out.push(Received::Rejected { reason: "request too long".into(), reply: None });
+                                out.push(Received::Rejected {
+                                    reason: "request too long".into(),
+                                    reply: None,
+                                });
                             }
                             Line::Complete(l) => out.push(self.accept(&l)),
                         }
@@ -126,7 +141,10 @@ impl ControlServer {
                 Ok((reply, uid)) => Received::Request(Incoming { req, uid, reply }),
                 Err(reason) => {
                     self.rejected += 1;
-                    Received::Rejected { reason: format!("reply FIFO {}: {reason}", req.reply), reply: None }
+                    Received::Rejected {
+                        reason: format!("reply FIFO {}: {reason}", req.reply),
+                        reply: None,
+                    }
                 }
             },
             Err(Rejected { reply, reason }) => {
@@ -144,7 +162,10 @@ impl ControlServer {
         let p = Path::new(path);
         let name_ok = p.file_name().is_some_and(|n| n != "." && n != "..");
         if !name_ok || p.parent() != Some(self.reply_dir.as_path()) {
-            return Err(format!("must be a file directly inside {}", self.reply_dir.display()));
+            return Err(format!(
+                "must be a file directly inside {}",
+                self.reply_dir.display()
+            ));
         }
         let f = OpenOptions::new()
             .write(true)

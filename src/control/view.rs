@@ -56,7 +56,10 @@ pub fn status(s: &Supervisor, now_ms: u64) -> Vec<UnitStatus> {
                 safe_mode: u.safe_mode,
                 state_ms: now_ms.saturating_sub(st.since),
                 last_exit: st.last_exit.map(|e| e.to_string()),
-                restart_in_ms: st.restart_at.filter(|_| st.phase == Phase::Backoff).map(|t| t.saturating_sub(now_ms)),
+                restart_in_ms: st
+                    .restart_at
+                    .filter(|_| st.phase == Phase::Backoff)
+                    .map(|t| t.saturating_sub(now_ms)),
                 reason: st.reason.clone(),
                 description: u.description.clone(),
             }
@@ -78,11 +81,21 @@ pub fn status_data(s: &Supervisor, now_ms: u64, only: Option<&str>) -> Result<Va
 
 /// Resident memory in KiB from a `/proc/<pid>/statm` text (pure).
 pub fn statm_rss_kb(statm: &str, page_kb: u64) -> Option<u64> {
-    statm.split_whitespace().nth(1)?.parse::<u64>().ok().map(|p| p * page_kb)
+    statm
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|p| p * page_kb)
 }
 
 /// `processes`: the main process of every unit that has one.
-pub fn processes(s: &Supervisor, now_ms: u64, critical_only: bool, proc_root: &std::path::Path) -> Value {
+pub fn processes(
+    s: &Supervisor,
+    now_ms: u64,
+    critical_only: bool,
+    proc_root: &std::path::Path,
+) -> Value {
     let rows: Vec<Value> = s
         .start_order()
         .iter()
@@ -93,7 +106,8 @@ pub fn processes(s: &Supervisor, now_ms: u64, critical_only: bool, proc_root: &s
             if critical_only && !u.critical {
                 return None;
             }
-            let statm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("statm")).unwrap_or_default();
+            let statm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("statm"))
+                .unwrap_or_default();
             Some(json!({
                 "pid": pid,
                 "unit": u.name,
@@ -130,7 +144,8 @@ pub fn recovery(s: &Supervisor, history: bool) -> Value {
             })
         })
         .collect();
-    let mut v = json!({ "mode": mode_str(s.mode), "crashes_recorded": s.crashes.len(), "units": units });
+    let mut v =
+        json!({ "mode": mode_str(s.mode), "crashes_recorded": s.crashes.len(), "units": units });
     if history {
         v["history"] = json!(s.crashes);
     }
@@ -173,7 +188,13 @@ pub fn config_view(
                     .iter()
                     .find(|(k, _)| *k == path)
                     .map(|(_, s)| s.to_string())
-                    .unwrap_or_else(|| if from_file { "file".into() } else { "default".into() });
+                    .unwrap_or_else(|| {
+                        if from_file {
+                            "file".into()
+                        } else {
+                            "default".into()
+                        }
+                    });
                 values.insert(path, json!({ "value": value, "source": source }));
             }
         }
@@ -189,11 +210,22 @@ mod config_view_tests {
     fn sources_are_default_file_and_override() {
         let text = "[crash_recovery]\nmax_recovery_attempts = 5\n";
         let cfg = crate::config::parse_config(text, std::path::Path::new("/t.toml")).unwrap();
-        let v = config_view(&cfg, std::path::Path::new("/t.toml"), Some(text), &[("system.run_dir", "command line")]);
+        let v = config_view(
+            &cfg,
+            std::path::Path::new("/t.toml"),
+            Some(text),
+            &[("system.run_dir", "command line")],
+        );
         let vals = &v["values"];
         assert_eq!(vals["crash_recovery.max_recovery_attempts"]["value"], 5);
-        assert_eq!(vals["crash_recovery.max_recovery_attempts"]["source"], "file");
-        assert_eq!(vals["crash_recovery.recovery_timeout_seconds"]["source"], "default");
+        assert_eq!(
+            vals["crash_recovery.max_recovery_attempts"]["source"],
+            "file"
+        );
+        assert_eq!(
+            vals["crash_recovery.recovery_timeout_seconds"]["source"],
+            "default"
+        );
         assert_eq!(vals["system.run_dir"]["source"], "command line");
         assert_eq!(v["file_loaded"], true);
     }

@@ -14,7 +14,10 @@ pub struct Timers<K: Ord + Hash + Copy> {
 
 impl<K: Ord + Hash + Copy> Default for Timers<K> {
     fn default() -> Self {
-        Self { by_time: BTreeSet::new(), by_key: HashMap::new() }
+        Self {
+            by_time: BTreeSet::new(),
+            by_key: HashMap::new(),
+        }
     }
 }
 
@@ -63,7 +66,12 @@ impl<K: Ord + Hash + Copy> Timers<K> {
 
     /// Remove and return every timer whose key matches `f`.
     pub fn take_if(&mut self, f: impl Fn(&K) -> bool) -> Vec<(K, u64)> {
-        let keys: Vec<(K, u64)> = self.by_key.iter().filter(|(k, _)| f(k)).map(|(k, t)| (*k, *t)).collect();
+        let keys: Vec<(K, u64)> = self
+            .by_key
+            .iter()
+            .filter(|(k, _)| f(k))
+            .map(|(k, t)| (*k, *t))
+            .collect();
         for (k, _) in &keys {
             self.cancel(*k);
         }

@@ -26,7 +26,9 @@ const MAX_LOG_RECORDS: usize = 1000;
 
 impl Runtime {
     pub(super) fn on_control(&mut self) {
-        let Some(server) = self.control.as_mut() else { return };
+        let Some(server) = self.control.as_mut() else {
+            return;
+        };
         let (items, more) = server.receive();
         self.control_backlog = more;
         for item in items {
@@ -46,7 +48,10 @@ impl Runtime {
         let Incoming { req, uid, reply } = inc;
         let mutating = is_mutating(&req.cmd).unwrap_or(true);
         let result = if mutating && uid != 0 {
-            Err(format!("permission denied: {} needs root (reply FIFO owned by uid {uid})", req.cmd))
+            Err(format!(
+                "permission denied: {} needs root (reply FIFO owned by uid {uid})",
+                req.cmd
+            ))
         } else {
             self.execute(&req, uid)
         };
@@ -61,8 +66,13 @@ impl Runtime {
     }
 
     fn unit_arg(&self, req: &Request) -> Result<usize, String> {
-        let name = req.args.first().ok_or_else(|| format!("{} needs a unit name", req.cmd))?;
-        self.sup.find(name).ok_or_else(|| format!("no such unit: {name}"))
+        let name = req
+            .args
+            .first()
+            .ok_or_else(|| format!("{} needs a unit name", req.cmd))?;
+        self.sup
+            .find(name)
+            .ok_or_else(|| format!("no such unit: {name}"))
     }
 
     fn execute(&mut self, req: &Request, uid: u32) -> Result<Value, String> {
@@ -70,7 +80,12 @@ impl Runtime {
         let t = now();
         match req.cmd.as_str() {
             "status" => view::status_data(&self.sup, t.mono, req.args.first().map(String::as_str)),
-            "processes" => Ok(view::processes(&self.sup, t.mono, flag_bool("critical"), std::path::Path::new("/proc"))),
+            "processes" => Ok(view::processes(
+                &self.sup,
+                t.mono,
+                flag_bool("critical"),
+                std::path::Path::new("/proc"),
+            )),
             "recovery" => Ok(view::recovery(&self.sup, flag_bool("history"))),
             "logs" => Ok(self.logs(req)),
             "config" => Ok(self.setup.config_view.clone()),
@@ -93,11 +108,17 @@ impl Runtime {
             }
             "reload" => self.reload(),
             "safe-mode" => {
-                self.dispatch(Event::EnterSafeMode { reason: format!("requested by uid {uid}") });
+                self.dispatch(Event::EnterSafeMode {
+                    reason: format!("requested by uid {uid}"),
+                });
                 Ok(json!({ "mode": view::mode_str(self.sup.mode) }))
             }
             "poweroff" | "reboot" => {
-                let kind = if req.cmd == "poweroff" { Shutdown::Poweroff } else { Shutdown::Reboot };
+                let kind = if req.cmd == "poweroff" {
+                    Shutdown::Poweroff
+                } else {
+                    Shutdown::Reboot
+                };
                 self.after_reply = Some(After::Shutdown(kind));
                 Ok(json!({ "shutdown": req.cmd }))
             }
@@ -123,7 +144,11 @@ impl Runtime {
                 }
             });
         }
-        let n = f.get("recent").and_then(Value::as_u64).unwrap_or(20).min(MAX_LOG_RECORDS as u64) as usize;
+        let n = f
+            .get("recent")
+            .and_then(Value::as_u64)
+            .unwrap_or(20)
+            .min(MAX_LOG_RECORDS as u64) as usize;
         let since = f.get("since").and_then(Value::as_u64).unwrap_or(0);
         let unit = f.get("unit").and_then(Value::as_str);
         let records = log::recent(n, unit, since);
@@ -139,7 +164,12 @@ impl Runtime {
             "args": req.args,
             "result": match result { Ok(_) => "ok".to_string(), Err(e) => format!("error: {e}") },
         });
-        log::info(&format!("audit: uid {uid} {} {} -> {}", req.cmd, req.args.join(" "), line["result"].as_str().unwrap_or("")));
+        log::info(&format!(
+            "audit: uid {uid} {} {} -> {}",
+            req.cmd,
+            req.args.join(" "),
+            line["result"].as_str().unwrap_or("")
+        ));
         let path = &self.audit_log;
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -159,7 +189,12 @@ impl Runtime {
 
     /// Write a reply now, or park it until the reader drains the pipe (bounded by a timeout).
     fn send(&mut self, file: std::fs::File, reply: &Reply) {
-        let mut p = Pending { file, data: reply.to_wire(), written: 0, deadline: 0 };
+        let mut p = Pending {
+            file,
+            data: reply.to_wire(),
+            written: 0,
+            deadline: 0,
+        };
         match p.flush() {
             Ok(true) => {}
             Ok(false) => {
@@ -168,7 +203,12 @@ impl Runtime {
                 let token = Token(REPLY_BASE + (id as usize % (usize::MAX - REPLY_BASE)));
                 use std::os::fd::AsRawFd;
                 let fd = p.file.as_raw_fd();
-                if self.poll.registry().register(&mut SourceFd(&fd), token, Interest::WRITABLE).is_err() {
+                if self
+                    .poll
+                    .registry()
+                    .register(&mut SourceFd(&fd), token, Interest::WRITABLE)
+                    .is_err()
+                {
                     log::warn("control: cannot wait for a slow reader; reply dropped");
                     return;
                 }
@@ -181,7 +221,9 @@ impl Runtime {
     }
 
     pub(super) fn flush_reply(&mut self, id: u64) {
-        let Some(p) = self.replies.get_mut(&id) else { return };
+        let Some(p) = self.replies.get_mut(&id) else {
+            return;
+        };
         let result = p.flush();
         match result {
             Ok(false) => {}
@@ -193,10 +235,17 @@ impl Runtime {
     pub(super) fn drop_reply(&mut self, id: u64, why: &str) {
         if let Some(p) = self.replies.remove(&id) {
             use std::os::fd::AsRawFd;
-            let _ = self.poll.registry().deregister(&mut SourceFd(&p.file.as_raw_fd()));
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&p.file.as_raw_fd()));
             self.timers.cancel(Key::Reply(id));
             if !why.is_empty() {
-                log::warn(&format!("control: reply dropped after {} of {} bytes: {why}", p.written, p.data.len()));
+                log::warn(&format!(
+                    "control: reply dropped after {} of {} bytes: {why}",
+                    p.written,
+                    p.data.len()
+                ));
             }
         }
     }
@@ -216,7 +265,10 @@ impl Runtime {
         let (units, diags) = crate::config::load_units(&self.setup.units_dir, &self.setup.config);
         if !diags.is_empty() {
             let list: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
-            return Err(format!("reload refused, nothing changed:\n{}", list.join("\n")));
+            return Err(format!(
+                "reload refused, nothing changed:\n{}",
+                list.join("\n")
+            ));
         }
         let (next, plan) = self.sup.reloaded(units);
         let old = std::mem::replace(&mut self.sup, next);
@@ -236,11 +288,17 @@ impl Runtime {
         }
         for r in &plan.removed {
             if let Some(pid) = r.pid {
-                log::info(&format!("{}: removed by reload, stopping pid {pid}", r.name));
+                log::info(&format!(
+                    "{}: removed by reload, stopping pid {pid}",
+                    r.name
+                ));
                 if crate::sys::kill(-pid, r.stop_signal).is_err() {
                     let _ = crate::sys::kill(pid, r.stop_signal);
                 }
-                self.timers.set(Key::RemovedKill(pid), crate::sys::monotonic_ms() + r.stop_timeout_ms);
+                self.timers.set(
+                    Key::RemovedKill(pid),
+                    crate::sys::monotonic_ms() + r.stop_timeout_ms,
+                );
             }
         }
         for &i in &plan.changed {
@@ -254,7 +312,9 @@ impl Runtime {
             }
         }
         drop(old);
-        let names = |v: &[usize]| -> Vec<String> { v.iter().map(|&i| self.sup.units[i].name.clone()).collect() };
+        let names = |v: &[usize]| -> Vec<String> {
+            v.iter().map(|&i| self.sup.units[i].name.clone()).collect()
+        };
         let removed: Vec<&str> = plan.removed.iter().map(|r| r.name.as_str()).collect();
         log::info(&format!(
             "reload: {} added, {} changed, {} removed, {} unchanged",

@@ -9,10 +9,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use libc::{SIGCHLD, SIGHUP, SIGINT, SIGPWR, SIGTERM, SIGUSR1, SIGUSR2};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use libc::{SIGCHLD, SIGHUP, SIGINT, SIGPWR, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::cgroup::Cgroups;
@@ -129,7 +129,10 @@ pub struct Runtime {
 }
 
 fn now() -> Now {
-    Now { mono: crate::sys::monotonic_ms(), wall: crate::sys::wall_ms() }
+    Now {
+        mono: crate::sys::monotonic_ms(),
+        wall: crate::sys::wall_ms(),
+    }
 }
 
 impl Runtime {
@@ -141,10 +144,16 @@ impl Runtime {
         } else {
             usize::MAX
         };
-        let mut sup = Supervisor::new(setup.units.clone(), cfg.crash_recovery.enabled && cfg.crash_recovery.auto_recovery, max);
+        let mut sup = Supervisor::new(
+            setup.units.clone(),
+            cfg.crash_recovery.enabled && cfg.crash_recovery.auto_recovery,
+            max,
+        );
         let poll = Poll::new()?;
-        let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGPWR])?;
-        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut signals =
+            Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGPWR])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
         // A write to a client that went away must be an EPIPE error, not a fatal signal.
         crate::sys::ignore_signal(libc::SIGPIPE);
         if let Err(e) = std::fs::create_dir_all(&setup.run_dir) {
@@ -152,26 +161,41 @@ impl Runtime {
         }
         let notify = match NotifySocket::bind(&setup.run_dir.join("notify")) {
             Ok(n) => {
-                poll.registry().register(&mut SourceFd(&n.fd()), NOTIFY, Interest::READABLE)?;
+                poll.registry()
+                    .register(&mut SourceFd(&n.fd()), NOTIFY, Interest::READABLE)?;
                 Some(n)
             }
             Err(e) => {
-                log::error(&format!("notify socket {}: {e}; ready=notify units will time out", setup.run_dir.join("notify").display()));
+                log::error(&format!(
+                    "notify socket {}: {e}; ready=notify units will time out",
+                    setup.run_dir.join("notify").display()
+                ));
                 None
             }
         };
-        let cgroups = if cfg.process_management.enabled && cfg.process_management.process_isolation {
-            let max_pids = u64::from(cfg.process_management.max_concurrent_processes).saturating_mul(16);
-            match Cgroups::setup(&cfg.system.cgroup_root, max_pids, cfg.process_management.resource_pooling) {
+        let cgroups = if cfg.process_management.enabled && cfg.process_management.process_isolation
+        {
+            let max_pids =
+                u64::from(cfg.process_management.max_concurrent_processes).saturating_mul(16);
+            match Cgroups::setup(
+                &cfg.system.cgroup_root,
+                max_pids,
+                cfg.process_management.resource_pooling,
+            ) {
                 Ok((cg, warnings)) => {
                     for w in warnings {
                         log::warn(&format!("cgroup: {w}"));
                     }
-                    log::info(&format!("cgroup v2 pools ready, controllers: {}", cg.enabled.join(" ")));
+                    log::info(&format!(
+                        "cgroup v2 pools ready, controllers: {}",
+                        cg.enabled.join(" ")
+                    ));
                     Some(cg)
                 }
                 Err(e) => {
-                    log::warn(&format!("cgroups unavailable ({e}); units run without isolation"));
+                    log::warn(&format!(
+                        "cgroups unavailable ({e}); units run without isolation"
+                    ));
                     None
                 }
             }
@@ -180,34 +204,50 @@ impl Runtime {
         };
         let state_dir = cfg.system.state_dir.clone();
         match persist::load(&state_dir) {
-            persist::Loaded::Missing => log::info(&format!("no saved state in {}", state_dir.display())),
+            persist::Loaded::Missing => {
+                log::info(&format!("no saved state in {}", state_dir.display()))
+            }
             persist::Loaded::Ok(d) => {
                 d.apply(&mut sup);
-                log::info(&format!("restored state: {} crash records", sup.crashes.len()));
+                log::info(&format!(
+                    "restored state: {} crash records",
+                    sup.crashes.len()
+                ));
             }
             persist::Loaded::SetAside { reason, moved_to } => log::error(&format!(
                 "saved state is corrupt ({reason}); set aside{}; starting with empty history",
-                moved_to.map(|p| format!(" as {}", p.display())).unwrap_or_default()
+                moved_to
+                    .map(|p| format!(" as {}", p.display()))
+                    .unwrap_or_default()
             )),
         }
         let control_gid = match cfg.system.control_group.as_str() {
             "" => None,
             g => {
                 let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-                let gid = g.parse().ok().or_else(|| crate::config::lookup_group(&groups, g));
+                let gid = g
+                    .parse()
+                    .ok()
+                    .or_else(|| crate::config::lookup_group(&groups, g));
                 if gid.is_none() {
-                    log::warn(&format!("control_group {g}: no such group; control FIFO stays root-only"));
+                    log::warn(&format!(
+                        "control_group {g}: no such group; control FIFO stays root-only"
+                    ));
                 }
                 gid
             }
         };
-        let control = match crate::control::server::ControlServer::open(&setup.run_dir, control_gid) {
+        let control = match crate::control::server::ControlServer::open(&setup.run_dir, control_gid)
+        {
             Ok(c) => {
-                poll.registry().register(&mut SourceFd(&c.fd()), CONTROL, Interest::READABLE)?;
+                poll.registry()
+                    .register(&mut SourceFd(&c.fd()), CONTROL, Interest::READABLE)?;
                 Some(c)
             }
             Err(e) => {
-                log::error(&format!("control FIFO: {e}; taucli will not reach tau-init"));
+                log::error(&format!(
+                    "control FIFO: {e}; taucli will not reach tau-init"
+                ));
                 None
             }
         };
@@ -244,12 +284,18 @@ impl Runtime {
     pub fn run(&mut self) -> Shutdown {
         let mode = self.setup.mode;
         if self.setup.argv.iter().any(|a| a == "--resume") {
-            log::info(&format!("resumed after re-exec with {} units", self.sup.units.len()));
+            log::info(&format!(
+                "resumed after re-exec with {} units",
+                self.sup.units.len()
+            ));
             let actions = self.sup.kick_now(now());
             self.carry_out(actions);
         } else {
             let m = if mode == Mode::Safe { "safe" } else { "normal" };
-            log::info(&format!("starting {} units in {m} mode", self.sup.units.len()));
+            log::info(&format!(
+                "starting {} units in {m} mode",
+                self.sup.units.len()
+            ));
             self.dispatch(Event::Boot { mode });
         }
         let mut events = Events::with_capacity(64);
@@ -261,7 +307,9 @@ impl Runtime {
             let timeout = if self.reap_backlog || self.control_backlog {
                 Some(Duration::ZERO)
             } else {
-                self.timers.timeout_ms(crate::sys::monotonic_ms()).map(Duration::from_millis)
+                self.timers
+                    .timeout_ms(crate::sys::monotonic_ms())
+                    .map(Duration::from_millis)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != std::io::ErrorKind::Interrupted
@@ -313,7 +361,11 @@ impl Runtime {
             match sig {
                 SIGCHLD => {}
                 SIGTERM | SIGUSR2 | SIGPWR => self.begin_shutdown(Shutdown::Poweroff),
-                SIGINT => self.begin_shutdown(if self.setup.pid1 { Shutdown::Reboot } else { Shutdown::Poweroff }),
+                SIGINT => self.begin_shutdown(if self.setup.pid1 {
+                    Shutdown::Reboot
+                } else {
+                    Shutdown::Poweroff
+                }),
                 SIGHUP | SIGUSR1 => log::info(&format!("signal {sig} received: no action")),
                 other => log::debug(&format!("signal {other} ignored")),
             }
@@ -325,7 +377,10 @@ impl Runtime {
         match self.shutdown {
             Some((_, phase)) => {
                 self.shutdown = Some((kind, phase));
-                log::info(&format!("shutdown already in progress; will {}", kind.as_str()));
+                log::info(&format!(
+                    "shutdown already in progress; will {}",
+                    kind.as_str()
+                ));
             }
             None => {
                 log::info(&format!("shutdown requested: {}", kind.as_str()));
@@ -340,10 +395,16 @@ impl Runtime {
         for _ in 0..REAP_BATCH {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return,
-                Ok(WaitStatus::Exited(pid, code)) => self.child_exited(pid.as_raw(), ExitInfo::Exited { code }),
-                Ok(WaitStatus::Signaled(pid, sig, core)) => {
-                    self.child_exited(pid.as_raw(), ExitInfo::Signaled { signal: sig as i32, core_dumped: core })
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.child_exited(pid.as_raw(), ExitInfo::Exited { code })
                 }
+                Ok(WaitStatus::Signaled(pid, sig, core)) => self.child_exited(
+                    pid.as_raw(),
+                    ExitInfo::Signaled {
+                        signal: sig as i32,
+                        core_dumped: core,
+                    },
+                ),
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(nix::errno::Errno::ECHILD) => {
@@ -419,10 +480,16 @@ impl Runtime {
                         self.dispatch(Event::Ready(unit));
                     }
                     if let Some(s) = notice.status {
-                        log::log(Level::Debug, Some(&self.sup.units[unit].name), &format!("status: {s}"));
+                        log::log(
+                            Level::Debug,
+                            Some(&self.sup.units[unit].name),
+                            &format!("status: {s}"),
+                        );
                     }
                 }
-                None => log::debug(&format!("notify message from pid {pid}, not a unit's main process: ignored")),
+                None => log::debug(&format!(
+                    "notify message from pid {pid}, not a unit's main process: ignored"
+                )),
             }
         }
     }
@@ -505,7 +572,11 @@ impl Runtime {
                 self.pids.insert(pid, i);
                 Event::Spawned { unit: i, pid }
             }
-            Err((errno, message)) => Event::SpawnFailed { unit: i, errno, message },
+            Err((errno, message)) => Event::SpawnFailed {
+                unit: i,
+                errno,
+                message,
+            },
         }
     }
 
@@ -515,7 +586,10 @@ impl Runtime {
         let state_dir = self.state_dir_for(&u);
         prepare_state_dir(&state_dir, u.uid, u.gid).map_err(|e| (libc::EIO, e))?;
         let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
             ("HOME".into(), "/".into()),
             ("TERM".into(), "linux".into()),
         ];
@@ -526,7 +600,12 @@ impl Runtime {
         env.push(("TAU_UNIT".into(), u.name.clone()));
         env.push(("TAU_STATE_DIR".into(), state_dir.display().to_string()));
         env.push(("TAU_RESTART_COUNT".into(), st.restarts.to_string()));
-        env.push(("TAU_LAST_EXIT".into(), st.last_exit.map(|e| e.to_string()).unwrap_or_else(|| "none".into())));
+        env.push((
+            "TAU_LAST_EXIT".into(),
+            st.last_exit
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "none".into()),
+        ));
         if let Some(n) = &self.notify {
             env.push(("NOTIFY_SOCKET".into(), n.path.display().to_string()));
         }
@@ -542,25 +621,36 @@ impl Runtime {
             .collect::<Result<_, _>>()?;
         let path = argv.first().cloned().ok_or_else(|| bad("exec"))?;
         let cwd = match &u.working_dir {
-            Some(d) => Some(CString::new(d.as_os_str().as_encoded_bytes()).map_err(|_| bad("working_dir"))?),
+            Some(d) => Some(
+                CString::new(d.as_os_str().as_encoded_bytes()).map_err(|_| bad("working_dir"))?,
+            ),
             None => None,
         };
         let cgroup_procs = match &self.cgroups {
-            Some(cg) => match cg.prepare_unit(u.priority, &u.name, u.memory_limit_mb, u.cpu_limit_percent) {
-                Ok((fd, warnings)) => {
-                    for w in warnings {
-                        log::warn(&format!("{}: cgroup: {w}", u.name));
+            Some(cg) => {
+                match cg.prepare_unit(u.priority, &u.name, u.memory_limit_mb, u.cpu_limit_percent) {
+                    Ok((fd, warnings)) => {
+                        for w in warnings {
+                            log::warn(&format!("{}: cgroup: {w}", u.name));
+                        }
+                        Some(fd)
                     }
-                    Some(fd)
+                    Err(e) => {
+                        log::warn(&format!(
+                            "{}: cgroup: {e}; running without its own cgroup",
+                            u.name
+                        ));
+                        None
+                    }
                 }
-                Err(e) => {
-                    log::warn(&format!("{}: cgroup: {e}; running without its own cgroup", u.name));
-                    None
-                }
-            },
+            }
             None => None,
         };
-        let (stdin, stdout, stderr) = if u.console { open_console() } else { (None, None, None) };
+        let (stdin, stdout, stderr) = if u.console {
+            open_console()
+        } else {
+            (None, None, None)
+        };
         let spec = crate::sys::SpawnSpec {
             path,
             argv,
@@ -574,11 +664,14 @@ impl Runtime {
             stderr,
             controlling_tty: u.console,
         };
-        crate::sys::spawn(&spec).map_err(|e| (e.errno as i32, format!("cannot start {}: {e}", u.exec[0])))
+        crate::sys::spawn(&spec)
+            .map_err(|e| (e.errno as i32, format!("cannot start {}: {e}", u.exec[0])))
     }
 
     fn units_down(&mut self) {
-        let Some((kind, _)) = self.shutdown else { return };
+        let Some((kind, _)) = self.shutdown else {
+            return;
+        };
         if !self.setup.pid1 {
             self.shutdown = Some((kind, Final::Done));
             return;
@@ -587,7 +680,8 @@ impl Runtime {
         let _ = crate::sys::kill(-1, libc::SIGTERM);
         self.shutdown = Some((kind, Final::Term));
         let t = self.setup.config.system.shutdown_kill_timeout_ms;
-        self.timers.set(Key::FinalKill, crate::sys::monotonic_ms() + t);
+        self.timers
+            .set(Key::FinalKill, crate::sys::monotonic_ms() + t);
         self.reap();
     }
 
@@ -596,7 +690,8 @@ impl Runtime {
             log::info("shutdown: sending SIGKILL to all remaining processes");
             let _ = crate::sys::kill(-1, libc::SIGKILL);
             self.shutdown = Some((kind, Final::Kill));
-            self.timers.set(Key::FinalDeadline, crate::sys::monotonic_ms() + 2000);
+            self.timers
+                .set(Key::FinalDeadline, crate::sys::monotonic_ms() + 2000);
             self.reap();
         }
     }
@@ -654,15 +749,16 @@ impl Runtime {
     }
 }
 
-
 /// Create a unit's session state directory 0700 (owned by uid:gid when given).
 pub fn prepare_state_dir(dir: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| format!("session state dir {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("session state dir {}: {e}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("chmod 0700 {}: {e}", dir.display()))?;
     if uid.is_some() || gid.is_some() {
-        std::os::unix::fs::chown(dir, uid, gid).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        std::os::unix::fs::chown(dir, uid, gid)
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
     }
     Ok(())
 }
@@ -677,7 +773,9 @@ fn open_console() -> (Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>) {
             .ok()
             .map(OwnedFd::from)
     };
-    let Some(a) = open() else { return (None, None, None) };
+    let Some(a) = open() else {
+        return (None, None, None);
+    };
     let b = a.try_clone().ok();
     let c = a.try_clone().ok();
     (Some(a), b, c)

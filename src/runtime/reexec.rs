@@ -32,9 +32,14 @@ impl ResumeState {
     pub fn take(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let _ = std::fs::remove_file(path);
-        let s: ResumeState = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let s: ResumeState =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if s.version != 1 {
-            return Err(format!("{}: unsupported version {}", path.display(), s.version));
+            return Err(format!(
+                "{}: unsupported version {}",
+                path.display(),
+                s.version
+            ));
         }
         Ok(s)
     }
@@ -45,12 +50,20 @@ impl ResumeState {
 fn own_binary() -> Option<PathBuf> {
     let p = std::fs::read_link("/proc/self/exe").ok()?;
     let s = p.to_string_lossy();
-    Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string()))
+    Some(PathBuf::from(
+        s.strip_suffix(" (deleted)").unwrap_or(&s).to_string(),
+    ))
 }
 
 impl Runtime {
     fn resume_state(&self) -> ResumeState {
-        let units = self.sup.units.iter().zip(&self.sup.states).map(|(u, s)| (u.name.clone(), s.clone())).collect();
+        let units = self
+            .sup
+            .units
+            .iter()
+            .zip(&self.sup.states)
+            .map(|(u, s)| (u.name.clone(), s.clone()))
+            .collect();
         let timers = self
             .timers
             .entries()
@@ -89,7 +102,9 @@ impl Runtime {
                 }
                 None => {
                     if let Some(pid) = st.pid {
-                        log::warn(&format!("{name}: unit file gone after re-exec; stopping pid {pid}"));
+                        log::warn(&format!(
+                            "{name}: unit file gone after re-exec; stopping pid {pid}"
+                        ));
                         let _ = crate::sys::kill(-pid, libc::SIGTERM);
                     }
                 }
@@ -112,7 +127,10 @@ impl Runtime {
             .map_err(|e| e.to_string())
             .and_then(|b| crate::persist::write_atomic(&path, &b).map_err(|e| e.to_string()));
         if let Err(e) = written {
-            log::error(&format!("reexec: cannot save state to {}: {e}; carrying on", path.display()));
+            log::error(&format!(
+                "reexec: cannot save state to {}: {e}; carrying on",
+                path.display()
+            ));
             return;
         }
         let Some(exe) = own_binary() else {
@@ -130,7 +148,11 @@ impl Runtime {
         }
         args.push("--resume".into());
         args.push(path.display().to_string());
-        log::info(&format!("reexec: executing {} with {} units", exe.display(), state.units.len()));
+        log::info(&format!(
+            "reexec: executing {} with {} units",
+            exe.display(),
+            state.units.len()
+        ));
         let to_c = |s: &str| CString::new(s).ok();
         let exe_c = to_c(&exe.to_string_lossy());
         let mut argv: Vec<CString> = vec![];
@@ -140,9 +162,14 @@ impl Runtime {
         argv.extend(args.iter().filter_map(|a| to_c(a)));
         if let Some(exe_c) = exe_c {
             // Pending replies and other fds are close-on-exec; children stay our children.
-            let env: Vec<CString> = std::env::vars().filter_map(|(k, v)| to_c(&format!("{k}={v}"))).collect();
+            let env: Vec<CString> = std::env::vars()
+                .filter_map(|(k, v)| to_c(&format!("{k}={v}")))
+                .collect();
             let e = nix::unistd::execve(&exe_c, &argv, &env);
-            log::error(&format!("reexec: exec {}: {e:?}; carrying on", exe.display()));
+            log::error(&format!(
+                "reexec: exec {}: {e:?}; carrying on",
+                exe.display()
+            ));
         }
         let _ = std::fs::remove_file(&path);
     }

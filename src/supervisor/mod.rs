@@ -39,8 +39,15 @@ impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitInfo::Exited { code } => write!(f, "exit:{code}"),
-            ExitInfo::Signaled { signal, core_dumped } => {
-                write!(f, "signal:{signal}{}", if *core_dumped { ":core" } else { "" })
+            ExitInfo::Signaled {
+                signal,
+                core_dumped,
+            } => {
+                write!(
+                    f,
+                    "signal:{signal}{}",
+                    if *core_dumped { ":core" } else { "" }
+                )
             }
             ExitInfo::SpawnFailed { errno } => write!(f, "spawn-failed:{errno}"),
             ExitInfo::ReadyTimeout => write!(f, "ready-timeout"),
@@ -144,7 +151,10 @@ impl UnitState {
 
     /// Has a live process (or is about to).
     pub fn is_up(&self) -> bool {
-        matches!(self.phase, Phase::Starting | Phase::Running | Phase::Stopping)
+        matches!(
+            self.phase,
+            Phase::Starting | Phase::Running | Phase::Stopping
+        )
     }
 }
 
@@ -179,7 +189,11 @@ pub enum Event {
     /// The executor spawned the unit.
     Spawned { unit: usize, pid: i32 },
     /// The executor could not spawn it.
-    SpawnFailed { unit: usize, errno: i32, message: String },
+    SpawnFailed {
+        unit: usize,
+        errno: i32,
+        message: String,
+    },
     /// READY=1 from the unit's main pid.
     Ready(usize),
     /// The unit's main process ended.
@@ -207,9 +221,20 @@ pub enum Level {
 pub enum Action {
     Spawn(usize),
     /// Send `signal` to the unit's process (and its cgroup, where it has one).
-    Kill { unit: usize, pid: i32, signal: i32 },
-    SetTimer { unit: usize, kind: TimerKind, at: Ms },
-    CancelTimer { unit: usize, kind: TimerKind },
+    Kill {
+        unit: usize,
+        pid: i32,
+        signal: i32,
+    },
+    SetTimer {
+        unit: usize,
+        kind: TimerKind,
+        at: Ms,
+    },
+    CancelTimer {
+        unit: usize,
+        kind: TimerKind,
+    },
     Crash(CrashRecord),
     /// Tell the admin (log + console).
     Alert(String),
@@ -255,8 +280,11 @@ impl Supervisor {
     /// Build from validated units (dependencies on unknown names are ignored here: the loader
     /// has already reported them).
     pub fn new(units: Vec<Unit>, auto_recovery: bool, max_running: usize) -> Self {
-        let index: HashMap<String, usize> =
-            units.iter().enumerate().map(|(i, u)| (u.name.clone(), i)).collect();
+        let index: HashMap<String, usize> = units
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.clone(), i))
+            .collect();
         let lookup = |names: &[String]| -> Vec<usize> {
             let mut v: Vec<usize> = names.iter().filter_map(|n| index.get(n).copied()).collect();
             v.sort_unstable();
@@ -291,7 +319,9 @@ impl Supervisor {
                     .iter()
                     .take(pos[u])
                     .copied()
-                    .filter(|&v| dependents[u].contains(&v) || units[v].priority > units[u].priority)
+                    .filter(|&v| {
+                        dependents[u].contains(&v) || units[v].priority > units[u].priority
+                    })
                     .collect()
             })
             .collect();
@@ -363,13 +393,20 @@ impl Supervisor {
             }
             Event::Start(i) => {
                 if self.shutting_down {
-                    out.push(Action::Log(Level::Warn, format!("{}: not started: shutting down", self.units[i].name)));
+                    out.push(Action::Log(
+                        Level::Warn,
+                        format!("{}: not started: shutting down", self.units[i].name),
+                    ));
                     return out;
                 }
                 if !self.allowed(i) {
                     out.push(Action::Log(
                         Level::Warn,
-                        format!("{}: not started: not allowed in {} mode", self.units[i].name, self.mode_str()),
+                        format!(
+                            "{}: not started: not allowed in {} mode",
+                            self.units[i].name,
+                            self.mode_str()
+                        ),
                     ));
                     return out;
                 }
@@ -395,7 +432,10 @@ impl Supervisor {
                 s.reason = None;
                 if s.phase == Phase::Backoff {
                     // Do not wait for the backoff: start now.
-                    out.push(Action::CancelTimer { unit: i, kind: TimerKind::Restart });
+                    out.push(Action::CancelTimer {
+                        unit: i,
+                        kind: TimerKind::Restart,
+                    });
                     s.restart_at = None;
                     s.wanted = true;
                     self.set_phase(i, Phase::Stopped, now);
@@ -413,22 +453,42 @@ impl Supervisor {
                 self.states[i].started_at = now.mono;
                 self.states[i].ready_timed_out = false;
                 let u = &self.units[i];
-                out.push(Action::Log(Level::Info, format!("{}: started, pid {pid}", u.name)));
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("{}: started, pid {pid}", u.name),
+                ));
                 if u.ready == crate::config::model::Ready::Notify {
-                    out.push(Action::SetTimer { unit: i, kind: TimerKind::ReadyTimeout, at: now.mono + u.ready_timeout_ms });
+                    out.push(Action::SetTimer {
+                        unit: i,
+                        kind: TimerKind::ReadyTimeout,
+                        at: now.mono + u.ready_timeout_ms,
+                    });
                 } else {
                     self.became_running(i, now, &mut out);
                 }
             }
-            Event::SpawnFailed { unit: i, errno, message } => {
-                out.push(Action::Log(Level::Error, format!("{}: {message}", self.units[i].name)));
+            Event::SpawnFailed {
+                unit: i,
+                errno,
+                message,
+            } => {
+                out.push(Action::Log(
+                    Level::Error,
+                    format!("{}: {message}", self.units[i].name),
+                ));
                 self.states[i].started_at = now.mono;
                 self.failure(i, ExitInfo::SpawnFailed { errno }, now, &mut out);
             }
             Event::Ready(i) => {
                 if self.states[i].phase == Phase::Starting {
-                    out.push(Action::CancelTimer { unit: i, kind: TimerKind::ReadyTimeout });
-                    out.push(Action::Log(Level::Info, format!("{}: ready", self.units[i].name)));
+                    out.push(Action::CancelTimer {
+                        unit: i,
+                        kind: TimerKind::ReadyTimeout,
+                    });
+                    out.push(Action::Log(
+                        Level::Info,
+                        format!("{}: ready", self.units[i].name),
+                    ));
                     self.became_running(i, now, &mut out);
                 }
             }
@@ -443,7 +503,10 @@ impl Supervisor {
                 for i in 0..self.units.len() {
                     self.states[i].wanted = false;
                     if self.states[i].phase == Phase::Backoff {
-                        out.push(Action::CancelTimer { unit: i, kind: TimerKind::Restart });
+                        out.push(Action::CancelTimer {
+                            unit: i,
+                            kind: TimerKind::Restart,
+                        });
                         self.set_phase(i, Phase::Stopped, now);
                     }
                 }
@@ -491,9 +554,15 @@ impl Supervisor {
                 if !s.wanted || s.phase != Phase::Stopped {
                     continue;
                 }
-                if let Some(&d) = self.requires[i].iter().find(|&&d| self.states[d].phase == Phase::Failed || !self.states[d].wanted) {
+                if let Some(&d) = self.requires[i]
+                    .iter()
+                    .find(|&&d| self.states[d].phase == Phase::Failed || !self.states[d].wanted)
+                {
                     let why = format!("required unit {} is not running", self.units[d].name);
-                    out.push(Action::Alert(format!("{}: failed: {why}", self.units[i].name)));
+                    out.push(Action::Alert(format!(
+                        "{}: failed: {why}",
+                        self.units[i].name
+                    )));
                     let s = &mut self.states[i];
                     s.wanted = false;
                     s.reason = Some(why);
@@ -508,7 +577,10 @@ impl Supervisor {
                     continue;
                 }
                 if self.running_count() >= self.max_running {
-                    self.states[i].reason = Some(format!("waiting: max_concurrent_processes ({}) reached", self.max_running));
+                    self.states[i].reason = Some(format!(
+                        "waiting: max_concurrent_processes ({}) reached",
+                        self.max_running
+                    ));
                     continue;
                 }
                 self.states[i].reason = None;
@@ -521,7 +593,11 @@ impl Supervisor {
     fn became_running(&mut self, i: usize, now: Now, out: &mut Vec<Action>) {
         self.set_phase(i, Phase::Running, now);
         let reset = self.units[i].recovery.reset_after_ms;
-        out.push(Action::SetTimer { unit: i, kind: TimerKind::Stable, at: now.mono + reset });
+        out.push(Action::SetTimer {
+            unit: i,
+            kind: TimerKind::Stable,
+            at: now.mono + reset,
+        });
         self.kick(now, out);
     }
 
@@ -535,15 +611,35 @@ impl Supervisor {
                     return;
                 };
                 let u = &self.units[i];
-                out.push(Action::Log(Level::Info, format!("{}: stopping (signal {})", u.name, u.stop_signal)));
-                out.push(Action::CancelTimer { unit: i, kind: TimerKind::ReadyTimeout });
-                out.push(Action::CancelTimer { unit: i, kind: TimerKind::Stable });
-                out.push(Action::Kill { unit: i, pid, signal: u.stop_signal });
-                out.push(Action::SetTimer { unit: i, kind: TimerKind::StopTimeout, at: now.mono + u.stop_timeout_ms });
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("{}: stopping (signal {})", u.name, u.stop_signal),
+                ));
+                out.push(Action::CancelTimer {
+                    unit: i,
+                    kind: TimerKind::ReadyTimeout,
+                });
+                out.push(Action::CancelTimer {
+                    unit: i,
+                    kind: TimerKind::Stable,
+                });
+                out.push(Action::Kill {
+                    unit: i,
+                    pid,
+                    signal: u.stop_signal,
+                });
+                out.push(Action::SetTimer {
+                    unit: i,
+                    kind: TimerKind::StopTimeout,
+                    at: now.mono + u.stop_timeout_ms,
+                });
                 self.set_phase(i, Phase::Stopping, now);
             }
             Phase::Backoff => {
-                out.push(Action::CancelTimer { unit: i, kind: TimerKind::Restart });
+                out.push(Action::CancelTimer {
+                    unit: i,
+                    kind: TimerKind::Restart,
+                });
                 self.states[i].restart_at = None;
                 self.set_phase(i, Phase::Stopped, now);
             }
@@ -583,7 +679,8 @@ impl Supervisor {
             if !self.states[u].stop_queued {
                 continue;
             }
-            let blocked = (0..self.units.len()).any(|j| self.requires[j].contains(&u) && self.states[j].is_up());
+            let blocked = (0..self.units.len())
+                .any(|j| self.requires[j].contains(&u) && self.states[j].is_up());
             if !blocked {
                 self.states[u].stop_queued = false;
                 self.begin_stop(u, now, out);
@@ -595,12 +692,24 @@ impl Supervisor {
         let phase = self.states[i].phase;
         self.states[i].pid = None;
         self.states[i].last_exit = Some(exit);
-        out.push(Action::CancelTimer { unit: i, kind: TimerKind::Stable });
-        out.push(Action::CancelTimer { unit: i, kind: TimerKind::ReadyTimeout });
+        out.push(Action::CancelTimer {
+            unit: i,
+            kind: TimerKind::Stable,
+        });
+        out.push(Action::CancelTimer {
+            unit: i,
+            kind: TimerKind::ReadyTimeout,
+        });
         match phase {
             Phase::Stopping => {
-                out.push(Action::CancelTimer { unit: i, kind: TimerKind::StopTimeout });
-                out.push(Action::Log(Level::Info, format!("{}: stopped ({exit})", self.units[i].name)));
+                out.push(Action::CancelTimer {
+                    unit: i,
+                    kind: TimerKind::StopTimeout,
+                });
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("{}: stopped ({exit})", self.units[i].name),
+                ));
                 self.set_phase(i, Phase::Stopped, now);
                 if std::mem::take(&mut self.states[i].restart_after_stop) && !self.shutting_down {
                     self.states[i].wanted = true;
@@ -612,7 +721,11 @@ impl Supervisor {
                 }
             }
             Phase::Starting | Phase::Running => {
-                let exit = if self.states[i].ready_timed_out { ExitInfo::ReadyTimeout } else { exit };
+                let exit = if self.states[i].ready_timed_out {
+                    ExitInfo::ReadyTimeout
+                } else {
+                    exit
+                };
                 self.failure(i, exit, now, out);
             }
             Phase::Stopped | Phase::Backoff | Phase::Failed => {}
@@ -632,7 +745,13 @@ impl Supervisor {
                 s.attempts = 0;
             }
         }
-        let core_dumped = matches!(exit, ExitInfo::Signaled { core_dumped: true, .. });
+        let core_dumped = matches!(
+            exit,
+            ExitInfo::Signaled {
+                core_dumped: true,
+                ..
+            }
+        );
         if self.shutting_down {
             self.record(i, exit, core_dumped, uptime, "stopped", now, out);
             self.set_phase(i, Phase::Stopped, now);
@@ -651,22 +770,50 @@ impl Supervisor {
         match restart::decide(&rec, attempt, self.auto_recovery) {
             Decision::RestartIn(0) => {
                 self.record(i, exit, core_dumped, uptime, "restart", now, out);
-                out.push(Action::Log(Level::Warn, format!("{name}: crashed ({exit}), restarting (attempt {attempt}/{})", rec.max_attempts)));
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!(
+                        "{name}: crashed ({exit}), restarting (attempt {attempt}/{})",
+                        rec.max_attempts
+                    ),
+                ));
                 self.states[i].restarts += 1;
                 self.set_phase(i, Phase::Stopped, now);
                 self.kick(now, out);
             }
             Decision::RestartIn(ms) => {
-                self.record(i, exit, core_dumped, uptime, &format!("restart_in:{ms}"), now, out);
-                out.push(Action::Log(Level::Warn, format!("{name}: crashed ({exit}), restarting in {ms} ms (attempt {attempt}/{})", rec.max_attempts)));
+                self.record(
+                    i,
+                    exit,
+                    core_dumped,
+                    uptime,
+                    &format!("restart_in:{ms}"),
+                    now,
+                    out,
+                );
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!(
+                        "{name}: crashed ({exit}), restarting in {ms} ms (attempt {attempt}/{})",
+                        rec.max_attempts
+                    ),
+                ));
                 self.states[i].restart_at = Some(now.mono + ms);
                 self.set_phase(i, Phase::Backoff, now);
-                out.push(Action::SetTimer { unit: i, kind: TimerKind::Restart, at: now.mono + ms });
+                out.push(Action::SetTimer {
+                    unit: i,
+                    kind: TimerKind::Restart,
+                    at: now.mono + ms,
+                });
             }
             Decision::Exhausted if critical && self.mode == Mode::Normal => {
                 self.record(i, exit, core_dumped, uptime, "safe_mode", now, out);
                 self.fail(i, format!("crashed {attempt} times ({exit})"), now);
-                self.enter_safe_mode(&format!("critical unit {name} failed {attempt} times"), now, out);
+                self.enter_safe_mode(
+                    &format!("critical unit {name} failed {attempt} times"),
+                    now,
+                    out,
+                );
             }
             Decision::Exhausted => {
                 self.record(i, exit, core_dumped, uptime, "gave_up", now, out);
@@ -679,7 +826,11 @@ impl Supervisor {
             Decision::SafeMode if self.mode == Mode::Normal => {
                 self.record(i, exit, core_dumped, uptime, "safe_mode", now, out);
                 self.fail(i, format!("crashed ({exit})"), now);
-                self.enter_safe_mode(&format!("unit {name} crashed ({exit}): fallback_to_safe_mode"), now, out);
+                self.enter_safe_mode(
+                    &format!("unit {name} crashed ({exit}): fallback_to_safe_mode"),
+                    now,
+                    out,
+                );
             }
             Decision::SafeMode | Decision::NotifyAdmin => {
                 self.record(i, exit, core_dumped, uptime, "notify_admin", now, out);
@@ -705,7 +856,10 @@ impl Supervisor {
         for j in 0..self.units.len() {
             if self.requires[j].contains(&i) && self.states[j].wanted {
                 let why = format!("required unit {} failed", self.units[i].name);
-                out.push(Action::Alert(format!("{}: stopping: {why}", self.units[j].name)));
+                out.push(Action::Alert(format!(
+                    "{}: stopping: {why}",
+                    self.units[j].name
+                )));
                 self.states[j].wanted = false;
                 self.states[j].reason = Some(why);
                 self.begin_stop(j, now, out);
@@ -718,7 +872,16 @@ impl Supervisor {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn record(&mut self, i: usize, exit: ExitInfo, core_dumped: bool, uptime: u64, action: &str, now: Now, out: &mut Vec<Action>) {
+    fn record(
+        &mut self,
+        i: usize,
+        exit: ExitInfo,
+        core_dumped: bool,
+        uptime: u64,
+        action: &str,
+        now: Now,
+        out: &mut Vec<Action>,
+    ) {
         let rec = CrashRecord {
             unit: self.units[i].name.clone(),
             time_ms: now.wall,
@@ -747,20 +910,43 @@ impl Supervisor {
             }
             TimerKind::StopTimeout if s.phase == Phase::Stopping => {
                 if let Some(pid) = s.pid {
-                    out.push(Action::Log(Level::Warn, format!("{}: did not stop in {} ms, killing", self.units[i].name, self.units[i].stop_timeout_ms)));
-                    out.push(Action::Kill { unit: i, pid, signal: libc::SIGKILL });
+                    out.push(Action::Log(
+                        Level::Warn,
+                        format!(
+                            "{}: did not stop in {} ms, killing",
+                            self.units[i].name, self.units[i].stop_timeout_ms
+                        ),
+                    ));
+                    out.push(Action::Kill {
+                        unit: i,
+                        pid,
+                        signal: libc::SIGKILL,
+                    });
                 }
             }
             TimerKind::ReadyTimeout if s.phase == Phase::Starting => {
                 if let Some(pid) = s.pid {
-                    out.push(Action::Log(Level::Warn, format!("{}: not ready after {} ms, killing", self.units[i].name, self.units[i].ready_timeout_ms)));
+                    out.push(Action::Log(
+                        Level::Warn,
+                        format!(
+                            "{}: not ready after {} ms, killing",
+                            self.units[i].name, self.units[i].ready_timeout_ms
+                        ),
+                    ));
                     self.states[i].ready_timed_out = true;
-                    out.push(Action::Kill { unit: i, pid, signal: libc::SIGKILL });
+                    out.push(Action::Kill {
+                        unit: i,
+                        pid,
+                        signal: libc::SIGKILL,
+                    });
                 }
             }
             TimerKind::Stable if s.phase == Phase::Running && s.attempts != 0 => {
                 self.states[i].attempts = 0;
-                out.push(Action::Log(Level::Info, format!("{}: stable, failure count cleared", self.units[i].name)));
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("{}: stable, failure count cleared", self.units[i].name),
+                ));
                 out.push(Action::Persist);
             }
             // A timer for a phase the unit has left: stale, ignore.
@@ -804,7 +990,10 @@ impl Supervisor {
         }
         if !self.down_reported && self.states.iter().all(|s| !s.is_up()) {
             self.down_reported = true;
-            out.push(Action::Log(Level::Info, "shutdown: all units stopped".into()));
+            out.push(Action::Log(
+                Level::Info,
+                "shutdown: all units stopped".into(),
+            ));
             out.push(Action::UnitsDown);
         }
     }
@@ -822,7 +1011,10 @@ impl Supervisor {
         next.mode = self.mode;
         next.shutting_down = self.shutting_down;
         next.crashes = self.crashes.clone();
-        let mut plan = ReloadPlan { remap: vec![None; self.units.len()], ..Default::default() };
+        let mut plan = ReloadPlan {
+            remap: vec![None; self.units.len()],
+            ..Default::default()
+        };
         for (old, u) in self.units.iter().enumerate() {
             match next.find(&u.name) {
                 Some(new) => {
@@ -901,7 +1093,11 @@ fn topo_order(units: &[Unit], edges: &[Vec<usize>], least_first: bool) -> Vec<us
         ready.sort_by(|&a, &b| {
             let (pa, na) = key(a);
             let (pb, nb) = key(b);
-            let p = if least_first { pb.cmp(&pa) } else { pa.cmp(&pb) };
+            let p = if least_first {
+                pb.cmp(&pa)
+            } else {
+                pa.cmp(&pb)
+            };
             p.then(na.cmp(nb))
         });
         let u = ready.remove(0);

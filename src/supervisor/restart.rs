@@ -98,10 +98,17 @@ mod tests {
 
     #[test]
     fn restart_strategies_exhaust_after_max_attempts() {
-        for s in [Strategy::Restart, Strategy::RestartWithDelay, Strategy::RestartWithBackoff] {
+        for s in [
+            Strategy::Restart,
+            Strategy::RestartWithDelay,
+            Strategy::RestartWithBackoff,
+        ] {
             let r = rec(s);
             for a in 1..=3 {
-                assert!(matches!(decide(&r, a, true), Decision::RestartIn(_)), "{s:?} {a}");
+                assert!(
+                    matches!(decide(&r, a, true), Decision::RestartIn(_)),
+                    "{s:?} {a}"
+                );
             }
             assert_eq!(decide(&r, 4, true), Decision::Exhausted);
         }
@@ -109,8 +116,17 @@ mod tests {
 
     #[test]
     fn safe_mode_and_notify_act_on_first_failure() {
-        assert_eq!(decide(&rec(Strategy::FallbackToSafeMode), 1, true), Decision::SafeMode);
-        assert_eq!(decide(&rec(Strategy::NotifyAdmin), 1, true), Decision::NotifyAdmin);
-        assert_eq!(decide(&rec(Strategy::Restart), 1, false), Decision::NotifyAdmin);
+        assert_eq!(
+            decide(&rec(Strategy::FallbackToSafeMode), 1, true),
+            Decision::SafeMode
+        );
+        assert_eq!(
+            decide(&rec(Strategy::NotifyAdmin), 1, true),
+            Decision::NotifyAdmin
+        );
+        assert_eq!(
+            decide(&rec(Strategy::Restart), 1, false),
+            Decision::NotifyAdmin
+        );
     }
 }

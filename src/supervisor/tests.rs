@@ -165,11 +165,16 @@ impl H {
     }
 
     fn id(&self, name: &str) -> usize {
-        self.sup.find(name).unwrap_or_else(|| panic!("no unit {name}"))
+        self.sup
+            .find(name)
+            .unwrap_or_else(|| panic!("no unit {name}"))
     }
 
     fn now(&self) -> Now {
-        Now { mono: self.clock, wall: WALL0 + self.clock }
+        Now {
+            mono: self.clock,
+            wall: WALL0 + self.clock,
+        }
     }
 
     /// Dispatch like `Runtime::dispatch`: carry out actions in order, answering spawns at once.
@@ -192,16 +197,27 @@ impl H {
                     self.spawns.push((i, self.clock));
                     let ev = if self.fail_spawns[i] > 0 {
                         self.fail_spawns[i] -= 1;
-                        Event::SpawnFailed { unit: i, errno: libc::ENOENT, message: "exec: ENOENT".into() }
+                        Event::SpawnFailed {
+                            unit: i,
+                            errno: libc::ENOENT,
+                            message: "exec: ENOENT".into(),
+                        }
                     } else {
                         self.next_pid += 1;
-                        Event::Spawned { unit: i, pid: self.next_pid }
+                        Event::Spawned {
+                            unit: i,
+                            pid: self.next_pid,
+                        }
                     };
                     q.extend(self.sup.handle(ev, self.now()));
                 }
                 Action::Kill { unit, pid, signal } => {
                     assert_eq!(self.sup.states[unit].pid, Some(pid), "kill of a stale pid");
-                    self.kills.push(Kill { unit, signal, at: self.clock });
+                    self.kills.push(Kill {
+                        unit,
+                        signal,
+                        at: self.clock,
+                    });
                 }
                 Action::SetTimer { unit, kind, at } => {
                     assert!(at >= self.clock, "timer in the past");
@@ -226,8 +242,14 @@ impl H {
     fn advance_to(&mut self, t: Ms) {
         assert!(t >= self.clock, "clock goes backwards");
         loop {
-            let due = self.timers.iter().filter(|&(_, &at)| at <= t).min_by_key(|&(k, &at)| (at, *k));
-            let Some((&(unit, kind), &at)) = due else { break };
+            let due = self
+                .timers
+                .iter()
+                .filter(|&(_, &at)| at <= t)
+                .min_by_key(|&(k, &at)| (at, *k));
+            let Some((&(unit, kind), &at)) = due else {
+                break;
+            };
             self.timers.remove(&(unit, kind));
             self.clock = at;
             self.feed(Event::Timer { unit, kind });
@@ -243,7 +265,10 @@ impl H {
 
     fn crash(&mut self, name: &str, exit: ExitInfo) {
         let i = self.id(name);
-        assert!(self.sup.states[i].pid.is_some(), "{name} has no process to exit");
+        assert!(
+            self.sup.states[i].pid.is_some(),
+            "{name} has no process to exit"
+        );
         self.feed(Event::Exited { unit: i, exit });
     }
 
@@ -253,7 +278,13 @@ impl H {
 
     /// The process ends after a signal was sent to it.
     fn exit(&mut self, name: &str) {
-        self.crash(name, ExitInfo::Signaled { signal: TERM, core_dumped: false });
+        self.crash(
+            name,
+            ExitInfo::Signaled {
+                signal: TERM,
+                core_dumped: false,
+            },
+        );
     }
 
     fn ready(&mut self, name: &str) {
@@ -271,21 +302,35 @@ impl H {
 
     fn spawn_times(&self, name: &str) -> Vec<Ms> {
         let i = self.id(name);
-        self.spawns.iter().filter(|s| s.0 == i).map(|s| s.1).collect()
+        self.spawns
+            .iter()
+            .filter(|s| s.0 == i)
+            .map(|s| s.1)
+            .collect()
     }
 
     fn spawn_order(&self) -> Vec<&str> {
-        self.spawns.iter().map(|s| self.sup.units[s.0].name.as_str()).collect()
+        self.spawns
+            .iter()
+            .map(|s| self.sup.units[s.0].name.as_str())
+            .collect()
     }
 
     /// (signal, time) of kills sent to `name`.
     fn kills_of(&self, name: &str) -> Vec<(i32, Ms)> {
         let i = self.id(name);
-        self.kills.iter().filter(|k| k.unit == i).map(|k| (k.signal, k.at)).collect()
+        self.kills
+            .iter()
+            .filter(|k| k.unit == i)
+            .map(|k| (k.signal, k.at))
+            .collect()
     }
 
     fn killed_names(&self) -> Vec<&str> {
-        self.kills.iter().map(|k| self.sup.units[k.unit].name.as_str()).collect()
+        self.kills
+            .iter()
+            .map(|k| self.sup.units[k.unit].name.as_str())
+            .collect()
     }
 
     fn timer(&self, name: &str, kind: TimerKind) -> Option<Ms> {
@@ -293,7 +338,11 @@ impl H {
     }
 
     fn actions(&self, name: &str) -> Vec<String> {
-        self.crash_log.iter().filter(|r| r.unit == name).map(|r| r.action.clone()).collect()
+        self.crash_log
+            .iter()
+            .filter(|r| r.unit == name)
+            .map(|r| r.action.clone())
+            .collect()
     }
 }
 
@@ -330,7 +379,10 @@ fn restart_with_delay_respawns_exactly_delay_after_crash() {
     assert_eq!(h.phase("a"), Phase::Backoff);
     h.advance_to(1250);
     assert_eq!(h.spawn_times("a"), vec![0, 1250]);
-    assert_eq!((h.phase("a"), h.st("a").restart_at, h.st("a").restarts), (Phase::Running, None, 1));
+    assert_eq!(
+        (h.phase("a"), h.st("a").restart_at, h.st("a").restarts),
+        (Phase::Running, None, 1)
+    );
 }
 
 #[test]
@@ -344,13 +396,28 @@ fn restart_with_backoff_grows_by_factor_and_caps() {
         h.fail("a");
         assert_eq!(h.st("a").attempts, n as u32 + 1);
         h.advance_to(crash_at + delay - 1);
-        assert_eq!(h.spawn_times("a"), expect_spawns, "early respawn for attempt {}", n + 1);
+        assert_eq!(
+            h.spawn_times("a"),
+            expect_spawns,
+            "early respawn for attempt {}",
+            n + 1
+        );
         h.advance_to(crash_at + delay);
         expect_spawns.push(crash_at + delay);
         assert_eq!(h.spawn_times("a"), expect_spawns);
     }
     let acts = h.actions("a");
-    assert_eq!(acts, ["restart_in:100", "restart_in:300", "restart_in:900", "restart_in:1000", "restart_in:1000", "restart_in:1000"]);
+    assert_eq!(
+        acts,
+        [
+            "restart_in:100",
+            "restart_in:300",
+            "restart_in:900",
+            "restart_in:1000",
+            "restart_in:1000",
+            "restart_in:1000"
+        ]
+    );
     h.advance_to(h.clock + 10);
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
@@ -393,7 +460,11 @@ fn stable_timer_clears_attempts() {
     h.advance_to(5019);
     assert_eq!(h.st("a").attempts, 2);
     h.advance_to(5020);
-    assert_eq!(h.st("a").attempts, 0, "Stable timer did not clear the count");
+    assert_eq!(
+        h.st("a").attempts,
+        0,
+        "Stable timer did not clear the count"
+    );
     h.advance_to(5030);
     h.fail("a");
     assert_eq!(h.crash_log.last().map(|r| r.attempt), Some(1));
@@ -411,13 +482,23 @@ fn long_uptime_crash_resets_attempts_without_timer() {
     // Up 4999 ms: still counted.
     h.jump_to(20 + 4999);
     h.fail("a");
-    assert_eq!(h.crash_log.last().map(|r| (r.attempt, r.uptime_ms)), Some((3, 4999)));
+    assert_eq!(
+        h.crash_log.last().map(|r| (r.attempt, r.uptime_ms)),
+        Some((3, 4999))
+    );
     // Up exactly reset_after_ms, the Stable timer not delivered yet: reset.
     let t = h.clock + 5000;
     h.jump_to(t);
-    assert_eq!(h.timer("a", TimerKind::Stable), Some(t), "timer is pending, not fired");
+    assert_eq!(
+        h.timer("a", TimerKind::Stable),
+        Some(t),
+        "timer is pending, not fired"
+    );
     h.fail("a");
-    assert_eq!(h.crash_log.last().map(|r| (r.attempt, r.uptime_ms)), Some((1, 5000)));
+    assert_eq!(
+        h.crash_log.last().map(|r| (r.attempt, r.uptime_ms)),
+        Some((1, 5000))
+    );
     assert_eq!(h.phase("a"), Phase::Running);
 }
 
@@ -442,8 +523,14 @@ fn spawn_failures_count_as_failures() {
     h.boot();
     assert_eq!(h.spawn_times("a"), vec![0, 0, 0]);
     assert_eq!(h.phase("a"), Phase::Failed);
-    let errs: Vec<(ExitInfo, u32, u64)> = h.crash_log.iter().map(|r| (r.exit, r.attempt, r.uptime_ms)).collect();
-    let e = ExitInfo::SpawnFailed { errno: libc::ENOENT };
+    let errs: Vec<(ExitInfo, u32, u64)> = h
+        .crash_log
+        .iter()
+        .map(|r| (r.exit, r.attempt, r.uptime_ms))
+        .collect();
+    let e = ExitInfo::SpawnFailed {
+        errno: libc::ENOENT,
+    };
     assert_eq!(errs, vec![(e, 1, 0), (e, 2, 0), (e, 3, 0)]);
 }
 
@@ -466,7 +553,10 @@ fn admin_restart_is_not_a_failure_and_clears_count() {
     h.exit("a");
     assert_eq!(h.crash_log.len(), 2, "admin restart recorded as a crash");
     assert_eq!(h.spawn_times("a"), vec![0, 10, 20, 150]);
-    assert_eq!((h.phase("a"), h.st("a").attempts, h.st("a").restarts), (Phase::Running, 0, 2));
+    assert_eq!(
+        (h.phase("a"), h.st("a").attempts, h.st("a").restarts),
+        (Phase::Running, 0, 2)
+    );
     h.advance_to(160);
     h.fail("a");
     assert_eq!(h.crash_log.last().map(|r| r.attempt), Some(1));
@@ -482,7 +572,10 @@ fn admin_restart_of_failed_unit_starts_it_afresh() {
     h.advance_to(50);
     h.feed(Event::Restart(a));
     assert_eq!(h.spawn_times("a"), vec![0, 50]);
-    assert_eq!((h.phase("a"), h.st("a").attempts, h.st("a").reason.clone()), (Phase::Running, 0, None));
+    assert_eq!(
+        (h.phase("a"), h.st("a").attempts, h.st("a").reason.clone()),
+        (Phase::Running, 0, None)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,15 +599,25 @@ fn critical_exhaustion_enters_safe_mode() {
     h.fail("crit");
     assert_eq!(h.sup.mode, Mode::Safe);
     assert_eq!(h.phase("crit"), Phase::Failed);
-    assert_eq!(h.crash_log.last().map(|r| (r.attempt, r.action.as_str())), Some((2, "safe_mode")));
-    assert!(h.alerts.iter().any(|a| a.starts_with("entering safe mode")), "{:?}", h.alerts);
+    assert_eq!(
+        h.crash_log.last().map(|r| (r.attempt, r.action.as_str())),
+        Some((2, "safe_mode"))
+    );
+    assert!(
+        h.alerts.iter().any(|a| a.starts_with("entering safe mode")),
+        "{:?}",
+        h.alerts
+    );
     // Only the non-safe-mode unit is signalled, with its own stop signal.
     assert_eq!(h.killed_names(), vec!["svc"]);
     assert_eq!(h.kills_of("svc"), vec![(libc::SIGINT, 20)]);
     assert_eq!(h.timer("svc", TimerKind::StopTimeout), Some(720));
     assert_eq!(h.phase("svc"), Phase::Stopping);
     assert_eq!(h.spawn_times("shell"), vec![20]);
-    assert_eq!((h.phase("keep"), h.st("keep").pid), (Phase::Running, keep_pid));
+    assert_eq!(
+        (h.phase("keep"), h.st("keep").pid),
+        (Phase::Running, keep_pid)
+    );
     h.advance_to(30);
     h.exit("svc");
     assert_eq!(h.phase("svc"), Phase::Stopped);
@@ -525,32 +628,49 @@ fn critical_exhaustion_enters_safe_mode() {
 
 #[test]
 fn non_critical_exhaustion_alerts_and_others_keep_running() {
-    let mut h = h(vec![unit("a").max_attempts(1), unit("b"), unit("c").requires(&["a"])]);
+    let mut h = h(vec![
+        unit("a").max_attempts(1),
+        unit("b"),
+        unit("c").requires(&["a"]),
+    ]);
     h.boot();
     let b_pid = h.st("b").pid;
     h.fail("a");
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
     assert_eq!(h.alerts[0], "a: crashed 2 times (exit:1), giving up");
-    assert_eq!(h.st("a").reason.as_deref(), Some("crashed 2 times (exit:1), giving up"));
+    assert_eq!(
+        h.st("a").reason.as_deref(),
+        Some("crashed 2 times (exit:1), giving up")
+    );
     assert_eq!(h.actions("a"), ["restart", "gave_up"]);
     assert_eq!(h.sup.mode, Mode::Normal);
     // Only the unit requiring a is stopped; b is untouched.
     assert_eq!(h.killed_names(), vec!["c"]);
-    assert_eq!(h.alerts[1..], ["c: stopping: required unit a failed".to_string()]);
+    assert_eq!(
+        h.alerts[1..],
+        ["c: stopping: required unit a failed".to_string()]
+    );
     assert_eq!((h.phase("b"), h.st("b").pid), (Phase::Running, b_pid));
 }
 
 #[test]
 fn fallback_to_safe_mode_acts_on_first_failure() {
-    let mut h = h(vec![unit("a").strategy(Strategy::FallbackToSafeMode), unit("b"), unit("s").safe_mode()]);
+    let mut h = h(vec![
+        unit("a").strategy(Strategy::FallbackToSafeMode),
+        unit("b"),
+        unit("s").safe_mode(),
+    ]);
     h.boot();
     h.advance_to(5);
     h.fail("a");
     assert_eq!(h.sup.mode, Mode::Safe);
     assert_eq!(h.phase("a"), Phase::Failed);
     assert_eq!(h.spawn_times("a"), vec![0]);
-    assert_eq!(h.crash_log.last().map(|r| (r.attempt, r.action.as_str())), Some((1, "safe_mode")));
+    assert_eq!(
+        h.crash_log.last().map(|r| (r.attempt, r.action.as_str())),
+        Some((1, "safe_mode"))
+    );
     assert_eq!(h.killed_names(), vec!["b"]);
     assert_eq!(h.phase("s"), Phase::Running);
 }
@@ -562,14 +682,24 @@ fn notify_admin_acts_on_first_failure() {
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
     assert_eq!(h.spawn_times("a"), vec![0]);
-    assert_eq!(h.crash_log.last().map(|r| (r.attempt, r.action.as_str())), Some((1, "notify_admin")));
-    assert_eq!(h.alerts, vec!["a: crashed (exit:1); needs an admin".to_string()]);
+    assert_eq!(
+        h.crash_log.last().map(|r| (r.attempt, r.action.as_str())),
+        Some((1, "notify_admin"))
+    );
+    assert_eq!(
+        h.alerts,
+        vec!["a: crashed (exit:1); needs an admin".to_string()]
+    );
     assert_eq!((h.sup.mode, h.phase("b")), (Mode::Normal, Phase::Running));
 }
 
 #[test]
 fn auto_recovery_off_notifies_admin_even_for_critical() {
-    let mut h = H::new(vec![unit("a").critical().max_attempts(3), unit("b")], false, 100);
+    let mut h = H::new(
+        vec![unit("a").critical().max_attempts(3), unit("b")],
+        false,
+        100,
+    );
     h.boot();
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
@@ -587,11 +717,20 @@ fn crash_record_fields() {
     let mut h = h(vec![unit("a").delay(40)]);
     h.boot();
     h.advance_to(1234);
-    h.crash("a", ExitInfo::Signaled { signal: libc::SIGSEGV, core_dumped: true });
+    h.crash(
+        "a",
+        ExitInfo::Signaled {
+            signal: libc::SIGSEGV,
+            core_dumped: true,
+        },
+    );
     let want = CrashRecord {
         unit: "a".into(),
         time_ms: WALL0 + 1234,
-        exit: ExitInfo::Signaled { signal: libc::SIGSEGV, core_dumped: true },
+        exit: ExitInfo::Signaled {
+            signal: libc::SIGSEGV,
+            core_dumped: true,
+        },
         core_dumped: true,
         uptime_ms: 1234,
         attempt: 1,
@@ -601,10 +740,20 @@ fn crash_record_fields() {
     assert_eq!(h.sup.crashes.back(), Some(&want));
     assert_eq!(h.st("a").last_exit, Some(want.exit));
     h.advance_to(1300);
-    h.crash("a", ExitInfo::Signaled { signal: libc::SIGSEGV, core_dumped: false });
+    h.crash(
+        "a",
+        ExitInfo::Signaled {
+            signal: libc::SIGSEGV,
+            core_dumped: false,
+        },
+    );
     h.advance_to(1400);
     h.crash("a", ExitInfo::Exited { code: 3 });
-    let got: Vec<(bool, u64, u32)> = h.crash_log.iter().map(|r| (r.core_dumped, r.uptime_ms, r.attempt)).collect();
+    let got: Vec<(bool, u64, u32)> = h
+        .crash_log
+        .iter()
+        .map(|r| (r.core_dumped, r.uptime_ms, r.attempt))
+        .collect();
     assert_eq!(got, vec![(true, 1234, 1), (false, 26, 2), (false, 60, 3)]);
 }
 
@@ -618,7 +767,10 @@ fn crash_history_is_bounded() {
     }
     assert_eq!(h.crash_log.len(), 300);
     assert_eq!(h.sup.crashes.len(), CRASH_HISTORY);
-    assert_eq!(h.sup.crashes.front().map(|r| r.attempt), Some(300 - CRASH_HISTORY as u32 + 1));
+    assert_eq!(
+        h.sup.crashes.front().map(|r| r.attempt),
+        Some(300 - CRASH_HISTORY as u32 + 1)
+    );
     assert_eq!(h.sup.crashes.back().map(|r| r.attempt), Some(300));
 }
 
@@ -636,7 +788,12 @@ fn start_order_follows_dependencies_then_priority() {
         unit("y").priority(Priority::Background),
     ]);
     h.boot();
-    let order: Vec<&str> = h.sup.start_order().iter().map(|&i| h.sup.units[i].name.as_str()).collect();
+    let order: Vec<&str> = h
+        .sup
+        .start_order()
+        .iter()
+        .map(|&i| h.sup.units[i].name.as_str())
+        .collect();
     assert_eq!(order, vec!["z", "a", "b", "c", "y"]);
     // b can only be spawned once a's Spawned made it running; y needs nobody and goes first.
     assert_eq!(h.spawn_order(), vec!["z", "a", "y", "b", "c"]);
@@ -644,11 +801,18 @@ fn start_order_follows_dependencies_then_priority() {
 
 #[test]
 fn notify_dependents_wait_for_ready() {
-    let mut h = h(vec![unit("a").notify(5000), unit("b").after(&["a"]).notify(5000), unit("c").requires(&["b"])]);
+    let mut h = h(vec![
+        unit("a").notify(5000),
+        unit("b").after(&["a"]).notify(5000),
+        unit("c").requires(&["b"]),
+    ]);
     h.boot();
     assert_eq!(h.spawn_order(), vec!["a"]);
     assert_eq!(h.phase("a"), Phase::Starting);
-    assert_eq!((h.phase("b"), h.sup.shown_phase(h.id("b"))), (Phase::Stopped, Phase::Starting));
+    assert_eq!(
+        (h.phase("b"), h.sup.shown_phase(h.id("b"))),
+        (Phase::Stopped, Phase::Starting)
+    );
     assert_eq!(h.timer("a", TimerKind::ReadyTimeout), Some(5000));
     h.advance_to(100);
     h.ready("a");
@@ -671,9 +835,18 @@ fn ready_timeout_kills_and_counts_as_failure() {
     h.advance_to(500);
     assert_eq!(h.kills_of("a"), vec![(KILL, 500)]);
     assert_eq!(h.phase("a"), Phase::Starting);
-    h.crash("a", ExitInfo::Signaled { signal: KILL, core_dumped: false });
+    h.crash(
+        "a",
+        ExitInfo::Signaled {
+            signal: KILL,
+            core_dumped: false,
+        },
+    );
     let r = h.crash_log.last().cloned();
-    assert_eq!(r.map(|r| (r.exit, r.attempt, r.uptime_ms, r.action)), Some((ExitInfo::ReadyTimeout, 1, 500, "restart".into())));
+    assert_eq!(
+        r.map(|r| (r.exit, r.attempt, r.uptime_ms, r.action)),
+        Some((ExitInfo::ReadyTimeout, 1, 500, "restart".into()))
+    );
     assert_eq!(h.st("a").last_exit, Some(ExitInfo::ReadyTimeout));
     assert_eq!(h.spawn_times("a"), vec![0, 500]);
     assert_eq!(h.timer("a", TimerKind::ReadyTimeout), Some(1000));
@@ -696,7 +869,12 @@ fn required_unit_failing_for_good_stops_running_requirers() {
     let mut killed = h.killed_names();
     killed.sort_unstable();
     assert_eq!(killed, vec!["b", "c"]);
-    assert!(h.alerts.contains(&"b: stopping: required unit a failed".to_string()), "{:?}", h.alerts);
+    assert!(
+        h.alerts
+            .contains(&"b: stopping: required unit a failed".to_string()),
+        "{:?}",
+        h.alerts
+    );
     h.exit("b");
     h.exit("c");
     for n in ["b", "c"] {
@@ -710,7 +888,10 @@ fn required_unit_failing_for_good_stops_running_requirers() {
 
 #[test]
 fn required_unit_failing_for_good_fails_waiting_requirer() {
-    let mut h = h(vec![unit("a").notify(1000).strategy(Strategy::NotifyAdmin), unit("b").requires(&["a"])]);
+    let mut h = h(vec![
+        unit("a").notify(1000).strategy(Strategy::NotifyAdmin),
+        unit("b").requires(&["a"]),
+    ]);
     h.boot();
     assert_eq!(h.sup.shown_phase(h.id("b")), Phase::Starting);
     h.fail("a");
@@ -727,7 +908,12 @@ fn required_unit_failing_for_good_fails_waiting_requirer() {
 
 #[test]
 fn requires_pulls_in_disabled_unit_but_after_does_not() {
-    let mut h = h(vec![unit("a").disabled(), unit("b").requires(&["a"]), unit("c").disabled(), unit("d").after(&["c"])]);
+    let mut h = h(vec![
+        unit("a").disabled(),
+        unit("b").requires(&["a"]),
+        unit("c").disabled(),
+        unit("d").after(&["c"]),
+    ]);
     h.boot();
     assert_eq!(h.spawn_order(), vec!["a", "d", "b"]);
     assert!(h.st("a").wanted);
@@ -737,7 +923,12 @@ fn requires_pulls_in_disabled_unit_but_after_does_not() {
 
 #[test]
 fn admin_stop_stops_requirers_only() {
-    let mut h = h(vec![unit("a"), unit("b").requires(&["a"]), unit("c").requires(&["b"]), unit("d").after(&["a"])]);
+    let mut h = h(vec![
+        unit("a"),
+        unit("b").requires(&["a"]),
+        unit("c").requires(&["b"]),
+        unit("d").after(&["a"]),
+    ]);
     h.boot();
     h.advance_to(10);
     let a = h.id("a");
@@ -765,7 +956,10 @@ fn admin_stop_cancels_backoff() {
     assert_eq!(h.timer("a", TimerKind::Restart), Some(1000));
     let a = h.id("a");
     h.feed(Event::Stop(a));
-    assert_eq!((h.phase("a"), h.timer("a", TimerKind::Restart)), (Phase::Stopped, None));
+    assert_eq!(
+        (h.phase("a"), h.timer("a", TimerKind::Restart)),
+        (Phase::Stopped, None)
+    );
     h.advance_to(5000);
     assert_eq!(h.spawn_times("a"), vec![0]);
 }
@@ -775,7 +969,11 @@ fn admin_stop_cancels_backoff() {
 
 #[test]
 fn shutdown_stops_dependents_before_dependencies() {
-    let mut h = h(vec![unit("a"), unit("b").after(&["a"]), unit("c").requires(&["b"])]);
+    let mut h = h(vec![
+        unit("a"),
+        unit("b").after(&["a"]),
+        unit("c").requires(&["b"]),
+    ]);
     h.boot();
     h.advance_to(100);
     h.feed(Event::Shutdown);
@@ -813,7 +1011,11 @@ fn shutdown_stops_lower_priorities_first() {
     next.sort_unstable();
     assert_eq!(next, vec!["norm", "norm2"]);
     h.exit("norm");
-    assert_eq!(h.kills.len(), 4, "high signalled before all normal units are down");
+    assert_eq!(
+        h.kills.len(),
+        4,
+        "high signalled before all normal units are down"
+    );
     h.exit("norm2");
     assert_eq!(h.killed_names()[4..], ["high"]);
     h.exit("high");
@@ -834,7 +1036,13 @@ fn shutdown_escalates_to_sigkill_after_stop_timeout() {
     assert_eq!(h.kills.len(), 1);
     h.advance_to(1300);
     assert_eq!(h.kills_of("a"), vec![(libc::SIGUSR1, 1000), (KILL, 1300)]);
-    h.crash("a", ExitInfo::Signaled { signal: KILL, core_dumped: false });
+    h.crash(
+        "a",
+        ExitInfo::Signaled {
+            signal: KILL,
+            core_dumped: false,
+        },
+    );
     assert_eq!(h.phase("a"), Phase::Stopped);
     assert!(h.timers.is_empty(), "{:?}", h.timers);
     assert_eq!(h.units_down, 1);
@@ -871,11 +1079,17 @@ fn shutdown_cancels_backoff_and_does_not_restart() {
     assert_eq!(h.timer("a", TimerKind::Restart), Some(1010));
     h.advance_to(20);
     h.feed(Event::Shutdown);
-    assert_eq!((h.phase("a"), h.timer("a", TimerKind::Restart)), (Phase::Stopped, None));
+    assert_eq!(
+        (h.phase("a"), h.timer("a", TimerKind::Restart)),
+        (Phase::Stopped, None)
+    );
     assert_eq!(h.killed_names(), vec!["b"]);
     // Even a late (stale) Restart timer does not bring it back.
     let a = h.id("a");
-    h.feed(Event::Timer { unit: a, kind: TimerKind::Restart });
+    h.feed(Event::Timer {
+        unit: a,
+        kind: TimerKind::Restart,
+    });
     h.advance_to(5000);
     assert_eq!(h.spawn_times("a"), vec![0]);
     h.exit("b");
@@ -892,7 +1106,12 @@ fn crash_during_shutdown_is_not_restarted() {
     // a dies on its own while waiting for b.
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Stopped);
-    assert_eq!(h.crash_log.last().map(|r| (r.unit.as_str(), r.action.as_str(), r.attempt)), Some(("a", "stopped", 0)));
+    assert_eq!(
+        h.crash_log
+            .last()
+            .map(|r| (r.unit.as_str(), r.action.as_str(), r.attempt)),
+        Some(("a", "stopped", 0))
+    );
     assert_eq!(h.spawns.len(), 2);
     assert_eq!(h.units_down, 0);
     h.exit("b");
@@ -908,7 +1127,10 @@ fn max_running_limits_concurrent_units() {
     let mut h = H::new(vec![unit("a"), unit("b"), unit("c")], true, 2);
     h.boot();
     assert_eq!(h.spawn_order(), vec!["a", "b"]);
-    assert_eq!(h.st("c").reason.as_deref(), Some("waiting: max_concurrent_processes (2) reached"));
+    assert_eq!(
+        h.st("c").reason.as_deref(),
+        Some("waiting: max_concurrent_processes (2) reached")
+    );
     assert_eq!(h.sup.shown_phase(h.id("c")), Phase::Starting);
     let a = h.id("a");
     h.advance_to(10);
@@ -928,7 +1150,11 @@ fn stale_timers_are_ignored() {
     h.ready("a");
     let a = h.id("a");
     let before = h.sup.states[a].clone();
-    for kind in [TimerKind::Restart, TimerKind::StopTimeout, TimerKind::ReadyTimeout] {
+    for kind in [
+        TimerKind::Restart,
+        TimerKind::StopTimeout,
+        TimerKind::ReadyTimeout,
+    ] {
         h.feed(Event::Timer { unit: a, kind });
     }
     assert_eq!(h.sup.states[a], before);
@@ -937,13 +1163,19 @@ fn stale_timers_are_ignored() {
     // Stable for an instance that is not running (in backoff) does not clear the count.
     h.advance_to(10);
     h.fail("a");
-    h.feed(Event::Timer { unit: a, kind: TimerKind::Stable });
+    h.feed(Event::Timer {
+        unit: a,
+        kind: TimerKind::Stable,
+    });
     assert_eq!((h.phase("a"), h.st("a").attempts), (Phase::Backoff, 1));
     // Ready for a unit that is not starting is ignored.
     h.feed(Event::Ready(a));
     assert_eq!(h.phase("a"), Phase::Backoff);
     // Exited for a unit with no process is ignored.
-    h.feed(Event::Exited { unit: a, exit: ExitInfo::Exited { code: 1 } });
+    h.feed(Event::Exited {
+        unit: a,
+        exit: ExitInfo::Exited { code: 1 },
+    });
     assert_eq!((h.phase("a"), h.crash_log.len()), (Phase::Backoff, 1));
 }
 
@@ -956,26 +1188,41 @@ fn stale_timers_are_ignored() {
 // it stays "starting" (stopped + wanted) until some unrelated event happens to kick.
 #[test]
 fn after_dependent_starts_once_dependency_fails_for_good() {
-    let mut h = h(vec![unit("a").notify(1000).strategy(Strategy::NotifyAdmin), unit("b").after(&["a"])]);
+    let mut h = h(vec![
+        unit("a").notify(1000).strategy(Strategy::NotifyAdmin),
+        unit("b").after(&["a"]),
+    ]);
     h.boot();
     assert_eq!(h.spawn_order(), vec!["a"]);
     h.advance_to(10);
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
-    assert_eq!(h.spawn_times("b"), vec![10], "b (after = [a]) left waiting forever");
+    assert_eq!(
+        h.spawn_times("b"),
+        vec![10],
+        "b (after = [a]) left waiting forever"
+    );
 }
 
 // Regression, same root cause with max_running: a unit that fails for good frees its slot but the
 // unit queued on `max_concurrent_processes` is not started.
 #[test]
 fn max_running_slot_freed_by_failed_unit_is_reused() {
-    let mut h = H::new(vec![unit("a").strategy(Strategy::NotifyAdmin), unit("b")], true, 1);
+    let mut h = H::new(
+        vec![unit("a").strategy(Strategy::NotifyAdmin), unit("b")],
+        true,
+        1,
+    );
     h.boot();
     assert_eq!(h.spawn_order(), vec!["a"]);
     h.advance_to(10);
     h.fail("a");
     assert_eq!(h.phase("a"), Phase::Failed);
-    assert_eq!(h.spawn_times("b"), vec![10], "b still queued although nothing runs");
+    assert_eq!(
+        h.spawn_times("b"),
+        vec![10],
+        "b still queued although nothing runs"
+    );
 }
 
 // Admin stop of a unit stops the units requiring it first and waits for them to exit.
@@ -997,14 +1244,30 @@ fn reload_keeps_unchanged_state_and_reports_changes() {
     h.advance_to(10);
     let keep_pid = h.st("keep").pid;
     let gone_pid = h.st("gone").pid;
-    let new_units = vec![unit("keep").0, unit("change").priority(Priority::High).0, unit("new").0];
+    let new_units = vec![
+        unit("keep").0,
+        unit("change").priority(Priority::High).0,
+        unit("new").0,
+    ];
     let (next, plan) = h.sup.reloaded(new_units);
     let name = |i: usize| next.units[i].name.clone();
-    assert_eq!(plan.unchanged.iter().map(|&i| name(i)).collect::<Vec<_>>(), vec!["keep"]);
-    assert_eq!(plan.changed.iter().map(|&i| name(i)).collect::<Vec<_>>(), vec!["change"]);
-    assert_eq!(plan.added.iter().map(|&i| name(i)).collect::<Vec<_>>(), vec!["new"]);
+    assert_eq!(
+        plan.unchanged.iter().map(|&i| name(i)).collect::<Vec<_>>(),
+        vec!["keep"]
+    );
+    assert_eq!(
+        plan.changed.iter().map(|&i| name(i)).collect::<Vec<_>>(),
+        vec!["change"]
+    );
+    assert_eq!(
+        plan.added.iter().map(|&i| name(i)).collect::<Vec<_>>(),
+        vec!["new"]
+    );
     assert_eq!(plan.removed.len(), 1);
-    assert_eq!((plan.removed[0].name.as_str(), plan.removed[0].pid), ("gone", gone_pid));
+    assert_eq!(
+        (plan.removed[0].name.as_str(), plan.removed[0].pid),
+        ("gone", gone_pid)
+    );
     let k = next.find("keep").unwrap();
     assert_eq!(next.states[k].pid, keep_pid);
     assert_eq!(next.states[k].phase, Phase::Running);

@@ -112,7 +112,11 @@ pub fn freeze() -> ! {
 pub fn exec_emergency_shell() {
     let sh = c"/bin/sh";
     let argv = [sh.as_ptr(), std::ptr::null()];
-    let envp = [c"PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".as_ptr(), c"TERM=linux".as_ptr(), std::ptr::null()];
+    let envp = [
+        c"PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".as_ptr(),
+        c"TERM=linux".as_ptr(),
+        std::ptr::null(),
+    ];
     // SAFETY: argv and envp are NULL-terminated arrays of valid C strings that outlive the call.
     unsafe { libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
 }
@@ -243,7 +247,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<i32, SpawnError> {
         let stage = ExecStage::from_u8(buf[0]);
         let errno = Errno::from_raw(i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]));
         // The child has _exit()ed; the reaper collects it.
-        return Err(SpawnError { stage: stage.or(Some(ExecStage::Exec)), errno });
+        return Err(SpawnError {
+            stage: stage.or(Some(ExecStage::Exec)),
+            errno,
+        });
     }
     Ok(pid)
 }
