@@ -41,7 +41,26 @@ pub struct NotifySocket {
 
 impl NotifySocket {
     /// Bind at `path` (replacing a stale socket file), non-blocking, with SO_PASSCRED.
-    pub fn bind(path: &Path) -> std::io::Result<Self> {
+    ///
+    /// `inherited` is the socket handed over by the previous tau-init across re-exec: kept, so
+    /// no READY=1 sent meanwhile is lost.
+    pub fn bind(path: &Path, inherited: Option<std::os::fd::OwnedFd>) -> std::io::Result<Self> {
+        if let Some(fd) = inherited {
+            let sock = UnixDatagram::from(fd);
+            if sock
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .as_deref()
+                == Some(path)
+                && crate::sys::set_cloexec(&sock, true).is_ok()
+            {
+                return Ok(Self {
+                    sock,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
         let _ = std::fs::remove_file(path);
         let sock = UnixDatagram::bind(path)?;
         sock.set_nonblocking(true)?;
@@ -53,6 +72,17 @@ impl NotifySocket {
             sock,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Keep the socket open across exec: returns its fd with close-on-exec cleared.
+    pub fn handover(&self) -> Result<i32, String> {
+        crate::sys::set_cloexec(&self.sock, false)?;
+        Ok(self.sock.as_raw_fd())
+    }
+
+    /// Close-on-exec again (the exec failed).
+    pub fn restore(&self) {
+        let _ = crate::sys::set_cloexec(&self.sock, true);
     }
 
     /// Raw fd for poll registration.
@@ -111,7 +141,7 @@ mod tests {
     #[test]
     fn real_socket_reports_sender_pid() {
         let path = std::env::temp_dir().join(format!("tau-notify-{}", std::process::id()));
-        let s = NotifySocket::bind(&path).unwrap();
+        let s = NotifySocket::bind(&path, None).unwrap();
         let c = UnixDatagram::unbound().unwrap();
         c.send_to(b"READY=1", &path).unwrap();
         let got = s.drain();

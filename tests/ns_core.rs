@@ -46,7 +46,9 @@ fn ns_unavailable() -> Option<String> {
                 .status()
             {
                 Ok(s) if s.success() => None,
-                Ok(s) => Some(format!("`unshare --pid --fork --mount-proc /bin/true` failed ({s})")),
+                Ok(s) => Some(format!(
+                    "`unshare --pid --fork --mount-proc /bin/true` failed ({s})"
+                )),
                 Err(e) => Some(format!("cannot run `unshare`: {e}")),
             }
         })
@@ -86,14 +88,20 @@ struct TestDir {
 impl TestDir {
     fn new(name: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let path = std::env::temp_dir().join(format!(
             "tau-ns-{name}-{}-{}-{nanos}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let s = path.to_str().expect("utf-8 temp dir");
-        assert!(!s.contains(['"', '\\', '\'', ' ']), "temp dir {s} needs quoting");
+        assert!(
+            !s.contains(['"', '\\', '\'', ' ']),
+            "temp dir {s} needs quoting"
+        );
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(path.join("units")).unwrap();
         fs::create_dir_all(path.join("out")).unwrap();
@@ -170,23 +178,38 @@ struct Proc {
 
 /// Every process on the host (those that vanish while scanning are skipped).
 fn host_procs() -> Vec<Proc> {
-    let Ok(rd) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let mut v = Vec::new();
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let comm = stat[open + 1..close].to_string();
         let mut rest = stat[close + 1..].split_whitespace();
         let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        v.push(Proc { pid, ppid, state, comm });
+        v.push(Proc {
+            pid,
+            ppid,
+            state,
+            comm,
+        });
     }
     v
 }
 
 fn pid_ns_link(pid: i32) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/pid")).ok().map(|p| p.display().to_string())
+    fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 /// Host's monotonic (boot) clock in seconds, the clock units read from `/proc/uptime`.
@@ -221,7 +244,9 @@ fn read_floats(path: &Path) -> Vec<f64> {
 
 /// Gaps between consecutive timestamps, in ms.
 fn gaps_ms(ts: &[f64]) -> Vec<i64> {
-    ts.windows(2).map(|w| ((w[1] - w[0]) * 1000.0).round() as i64).collect()
+    ts.windows(2)
+        .map(|w| ((w[1] - w[0]) * 1000.0).round() as i64)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,17 +295,30 @@ impl Ns {
             loop {
                 match err.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n])),
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
             }
         });
-        let mut ns = Ns { child, pid1: 0, ns_link: String::new(), ns_file: None, log, reader: Some(reader), status: None };
+        let mut ns = Ns {
+            child,
+            pid1: 0,
+            ns_link: String::new(),
+            ns_file: None,
+            log,
+            reader: Some(reader),
+            status: None,
+        };
         let upid = ns.child.id() as i32;
         let own = pid_ns_link(std::process::id() as i32);
         let found = wait_until(Duration::from_secs(10), || {
-            let Some(p) = host_procs().into_iter().find(|p| p.ppid == upid) else { return false };
+            let Some(p) = host_procs().into_iter().find(|p| p.ppid == upid) else {
+                return false;
+            };
             match pid_ns_link(p.pid) {
                 Some(link) if Some(&link) != own.as_ref() => {
                     ns.pid1 = p.pid;
@@ -291,7 +329,11 @@ impl Ns {
                 _ => false,
             }
         });
-        assert!(found, "tau-init did not appear as the child of unshare{}", ns.ctx());
+        assert!(
+            found,
+            "tau-init did not appear as the child of unshare{}",
+            ns.ctx()
+        );
         ns.expect_log("units in normal mode", Duration::from_secs(10));
         ns
     }
@@ -303,9 +345,16 @@ impl Ns {
     /// The log for failure messages (per-orphan debug lines left out, at most 300 lines).
     fn ctx(&self) -> String {
         let log = self.log();
-        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("reaped orphan")).collect();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("reaped orphan"))
+            .collect();
         let skip = lines.len().saturating_sub(300);
-        format!("\n--- tau-init stderr (last {} lines) ---\n{}\n---", lines.len() - skip, lines[skip..].join("\n"))
+        format!(
+            "\n--- tau-init stderr (last {} lines) ---\n{}\n---",
+            lines.len() - skip,
+            lines[skip..].join("\n")
+        )
     }
 
     fn expect_log(&self, pat: &str, timeout: Duration) {
@@ -314,7 +363,8 @@ impl Ns {
     }
 
     fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.pid1), sig).unwrap_or_else(|e| panic!("kill({}, {sig}): {e}", self.pid1));
+        kill(Pid::from_raw(self.pid1), sig)
+            .unwrap_or_else(|e| panic!("kill({}, {sig}): {e}", self.pid1));
     }
 
     /// Waits for unshare to exit.
@@ -345,17 +395,26 @@ impl Ns {
             i += 1;
         }
         all.into_iter()
-            .filter(|p| inside.contains(&p.pid) || pid_ns_link(p.pid).as_deref() == Some(self.ns_link.as_str()))
+            .filter(|p| {
+                inside.contains(&p.pid)
+                    || pid_ns_link(p.pid).as_deref() == Some(self.ns_link.as_str())
+            })
             .collect()
     }
 
     fn zombies(&self) -> Vec<Proc> {
-        self.members().into_iter().filter(|p| p.state == 'Z').collect()
+        self.members()
+            .into_iter()
+            .filter(|p| p.state == 'Z')
+            .collect()
     }
 
     /// Every process whose pid namespace is ours (zombies included when their link is readable).
     fn ns_leftovers(&self) -> Vec<Proc> {
-        assert!(self.ns_file.is_some(), "the namespace file was not held open");
+        assert!(
+            self.ns_file.is_some(),
+            "the namespace file was not held open"
+        );
         host_procs()
             .into_iter()
             .filter(|p| pid_ns_link(p.pid).as_deref() == Some(self.ns_link.as_str()))
@@ -371,18 +430,34 @@ impl Ns {
     fn shutdown_clean(&mut self) {
         self.signal(Signal::SIGTERM);
         let status = self.wait_exit(Duration::from_secs(30));
-        assert!(status.is_some(), "tau-init did not go down within 30 s of SIGTERM{}", self.ctx());
+        assert!(
+            status.is_some(),
+            "tau-init did not go down within 30 s of SIGTERM{}",
+            self.ctx()
+        );
         self.join_reader();
         let log = self.log();
-        assert!(log.contains("shutdown: all units stopped"), "no `all units stopped`{}", self.ctx());
-        assert!(log.contains("shutdown: poweroff"), "shutdown did not reach reboot(2){}", self.ctx());
+        assert!(
+            log.contains("shutdown: all units stopped"),
+            "no `all units stopped`{}",
+            self.ctx()
+        );
+        assert!(
+            log.contains("shutdown: poweroff"),
+            "shutdown did not reach reboot(2){}",
+            self.ctx()
+        );
         assert!(
             !log.contains("still alive after SIGKILL"),
             "processes survived SIGKILL{}",
             self.ctx()
         );
         let left = self.ns_leftovers();
-        assert!(left.is_empty(), "processes of the namespace left after shutdown: {left:?}{}", self.ctx());
+        assert!(
+            left.is_empty(),
+            "processes of the namespace left after shutdown: {left:?}{}",
+            self.ctx()
+        );
     }
 
     fn join_reader(&mut self) {
@@ -423,7 +498,10 @@ fn log_lines(log: &str) -> Vec<(f64, &str)> {
 
 /// Index and time of the first log line containing `pat`.
 fn find_line(lines: &[(f64, &str)], pat: &str) -> Option<(usize, f64)> {
-    lines.iter().position(|(_, l)| l.contains(pat)).map(|i| (i, lines[i].0))
+    lines
+        .iter()
+        .position(|(_, l)| l.contains(pat))
+        .map(|i| (i, lines[i].0))
 }
 
 fn count(log: &str, pat: &str) -> usize {
@@ -459,7 +537,11 @@ const SLACK_MS: i64 = 300;
 #[test]
 fn zombie_storm_10000_orphans_all_reaped_and_loop_stays_responsive() {
     let _g = ns_test_guard!("zombie_storm");
-    if !Command::new("perl").args(["-MPOSIX", "-e", "1"]).status().is_ok_and(|s| s.success()) {
+    if !Command::new("perl")
+        .args(["-MPOSIX", "-e", "1"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         eprintln!("SKIP zombie_storm: perl (with POSIX) is needed to fork the storm");
         return;
     }
@@ -515,7 +597,13 @@ strategy = "notify_admin"
         last.is_empty()
     });
     let t_clean = uptime();
-    assert!(clean, "{} zombies left in the namespace, e.g. {:?}{}", last.len(), &last[..last.len().min(5)], ns.ctx());
+    assert!(
+        clean,
+        "{} zombies left in the namespace, e.g. {:?}{}",
+        last.len(),
+        &last[..last.len().min(5)],
+        ns.ctx()
+    );
     // Let the ticker show at least one more beat after the storm.
     thread::sleep(Duration::from_millis(3 * TICK_MS as u64));
     let log = ns.log();
@@ -526,7 +614,11 @@ strategy = "notify_admin"
         ns.ctx()
     );
     let members = ns.members();
-    assert!(members.len() <= 4, "unexpected processes in the namespace: {members:?}{}", ns.ctx());
+    assert!(
+        members.len() <= 4,
+        "unexpected processes in the namespace: {members:?}{}",
+        ns.ctx()
+    );
 
     // The loop kept its timers during the storm.
     let t0 = read_floats(&dir.out("storm-begin"))[0];
@@ -548,9 +640,16 @@ strategy = "notify_admin"
         during.len(),
         sorted.last().copied().unwrap_or(0)
     );
-    assert!(median <= TICK_MS + 200, "ticker lost its rhythm during the storm: median gap {median} ms: {during:?}{}", ns.ctx());
     assert!(
-        during.len() as f64 >= (storm_secs * 1000.0 / (TICK_MS + STORM_LATE_MS) as f64).floor().max(2.0),
+        median <= TICK_MS + 200,
+        "ticker lost its rhythm during the storm: median gap {median} ms: {during:?}{}",
+        ns.ctx()
+    );
+    assert!(
+        during.len() as f64
+            >= (storm_secs * 1000.0 / (TICK_MS + STORM_LATE_MS) as f64)
+                .floor()
+                .max(2.0),
         "too few ticker restarts during a {storm_secs:.2} s storm: {during:?}{}",
         ns.ctx()
     );
@@ -575,8 +674,17 @@ fn restart_strategies_observe_their_delays() {
     let _g = ns_test_guard!("restart_strategies");
     let dir = TestDir::new("strategies");
     dir.config("info", 1000);
-    dir.unit("now", &crasher(1, "strategy = \"restart\"\nmax_attempts = 3"));
-    dir.unit("delayed", &crasher(1, "strategy = \"restart_with_delay\"\ndelay_ms = 500\nmax_attempts = 3"));
+    dir.unit(
+        "now",
+        &crasher(1, "strategy = \"restart\"\nmax_attempts = 3"),
+    );
+    dir.unit(
+        "delayed",
+        &crasher(
+            1,
+            "strategy = \"restart_with_delay\"\ndelay_ms = 500\nmax_attempts = 3",
+        ),
+    );
     dir.unit(
         "backoff",
         &crasher(
@@ -586,28 +694,61 @@ fn restart_strategies_observe_their_delays() {
     );
     let mut ns = Ns::start(&dir);
     for (unit, n) in [("now", 4), ("delayed", 4), ("backoff", 5)] {
-        ns.expect_log(&format!("ALERT: {unit}: crashed {n} times (exit:1), giving up"), Duration::from_secs(15));
+        ns.expect_log(
+            &format!("ALERT: {unit}: crashed {n} times (exit:1), giving up"),
+            Duration::from_secs(15),
+        );
     }
     let log = ns.log();
     // (unit, expected delays in ms)
-    let cases: [(&str, &[i64]); 3] = [("now", &[0, 0, 0]), ("delayed", &[500, 500, 500]), ("backoff", &[200, 400, 700, 700])];
+    let cases: [(&str, &[i64]); 3] = [
+        ("now", &[0, 0, 0]),
+        ("delayed", &[500, 500, 500]),
+        ("backoff", &[200, 400, 700, 700]),
+    ];
     let mut report = Vec::new();
     for (unit, expected) in cases {
         let starts = read_floats(&dir.session(unit).join("starts"));
         let gaps = gaps_ms(&starts);
         report.push(format!("{unit}: {gaps:?}"));
-        assert_eq!(gaps.len(), expected.len(), "{unit}: {} starts, expected {}{}", starts.len(), expected.len() + 1, ns.ctx());
+        assert_eq!(
+            gaps.len(),
+            expected.len(),
+            "{unit}: {} starts, expected {}{}",
+            starts.len(),
+            expected.len() + 1,
+            ns.ctx()
+        );
         for (k, (&g, &want)) in gaps.iter().zip(expected).enumerate() {
             // Never early; late by at most SLACK_MS (fork/exec and scheduling on a loaded machine).
-            let ok = if want == 0 { g < SLACK_MS } else { (want - 20..=want + SLACK_MS).contains(&g) };
-            assert!(ok, "{unit}: restart {} came after {g} ms, expected {want} ms (gaps {gaps:?}){}", k + 1, ns.ctx());
+            let ok = if want == 0 {
+                g < SLACK_MS
+            } else {
+                (want - 20..=want + SLACK_MS).contains(&g)
+            };
+            assert!(
+                ok,
+                "{unit}: restart {} came after {g} ms, expected {want} ms (gaps {gaps:?}){}",
+                k + 1,
+                ns.ctx()
+            );
             let attempt = k + 1;
             let announced = if want == 0 {
-                format!("{unit}: crashed (exit:1), restarting (attempt {attempt}/{})", expected.len())
+                format!(
+                    "{unit}: crashed (exit:1), restarting (attempt {attempt}/{})",
+                    expected.len()
+                )
             } else {
-                format!("{unit}: crashed (exit:1), restarting in {want} ms (attempt {attempt}/{})", expected.len())
+                format!(
+                    "{unit}: crashed (exit:1), restarting in {want} ms (attempt {attempt}/{})",
+                    expected.len()
+                )
             };
-            assert!(log.contains(&announced), "missing `{announced}`{}", ns.ctx());
+            assert!(
+                log.contains(&announced),
+                "missing `{announced}`{}",
+                ns.ctx()
+            );
         }
     }
     eprintln!("observed restart gaps (ms): {}", report.join("; "));
@@ -642,33 +783,78 @@ strategy = "fallback_to_safe_mode"
     dir.unit("keeper", &looping("keeper", "safe_mode = true"));
     dir.unit("rescue", &looping("rescue", "safe_mode_only = true"));
     let mut ns = Ns::start(&dir);
-    ns.expect_log("ALERT: notify: crashed (exit:4); needs an admin", Duration::from_secs(10));
-    ns.expect_log("ALERT: entering safe mode: unit fallback crashed (exit:6): fallback_to_safe_mode", Duration::from_secs(10));
+    ns.expect_log(
+        "ALERT: notify: crashed (exit:4); needs an admin",
+        Duration::from_secs(10),
+    );
+    ns.expect_log(
+        "ALERT: entering safe mode: unit fallback crashed (exit:6): fallback_to_safe_mode",
+        Duration::from_secs(10),
+    );
     ns.expect_log("rescue: started", Duration::from_secs(10));
     ns.expect_log("bystander: stopped", Duration::from_secs(10));
     thread::sleep(Duration::from_millis(1000));
     let log = ns.log();
     let lines = log_lines(&log);
     let starts = |u: &str| read_floats(&dir.session(u).join("starts")).len();
-    assert_eq!(starts("notify"), 1, "notify_admin must not restart{}", ns.ctx());
-    assert_eq!(starts("fallback"), 1, "fallback_to_safe_mode must not restart{}", ns.ctx());
+    assert_eq!(
+        starts("notify"),
+        1,
+        "notify_admin must not restart{}",
+        ns.ctx()
+    );
+    assert_eq!(
+        starts("fallback"),
+        1,
+        "fallback_to_safe_mode must not restart{}",
+        ns.ctx()
+    );
     assert_eq!(starts("bystander"), 1, "bystander{}", ns.ctx());
-    assert_eq!(starts("keeper"), 1, "a safe_mode unit keeps running across the switch{}", ns.ctx());
+    assert_eq!(
+        starts("keeper"),
+        1,
+        "a safe_mode unit keeps running across the switch{}",
+        ns.ctx()
+    );
     assert_eq!(starts("rescue"), 1, "rescue{}", ns.ctx());
     let (safe_at, _) = find_line(&lines, "ALERT: entering safe mode").unwrap();
     let (rescue_at, _) = find_line(&lines, "rescue: started").unwrap();
-    assert!(rescue_at > safe_at, "safe_mode_only unit started before safe mode{}", ns.ctx());
-    assert!(!log.contains("keeper: stopping"), "keeper (safe_mode = true) was stopped{}", ns.ctx());
-    assert_eq!(fs::read_to_string(dir.out("terms")).unwrap_or_default(), "bystander-term\n", "{}", ns.ctx());
+    assert!(
+        rescue_at > safe_at,
+        "safe_mode_only unit started before safe mode{}",
+        ns.ctx()
+    );
+    assert!(
+        !log.contains("keeper: stopping"),
+        "keeper (safe_mode = true) was stopped{}",
+        ns.ctx()
+    );
+    assert_eq!(
+        fs::read_to_string(dir.out("terms")).unwrap_or_default(),
+        "bystander-term\n",
+        "{}",
+        ns.ctx()
+    );
     let state = dir.state_json().expect("state file");
     let actions: Vec<(String, String)> = state["crashes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["unit"].as_str().unwrap().to_string(), c["action"].as_str().unwrap().to_string()))
+        .map(|c| {
+            (
+                c["unit"].as_str().unwrap().to_string(),
+                c["action"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
-    assert!(actions.contains(&("notify".into(), "notify_admin".into())), "{actions:?}");
-    assert!(actions.contains(&("fallback".into(), "safe_mode".into())), "{actions:?}");
+    assert!(
+        actions.contains(&("notify".into(), "notify_admin".into())),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("fallback".into(), "safe_mode".into())),
+        "{actions:?}"
+    );
     ns.shutdown_clean();
 }
 
@@ -681,19 +867,40 @@ fn max_attempts_is_honoured_and_crashes_are_recorded() {
     let _g = ns_test_guard!("max_attempts");
     let dir = TestDir::new("maxattempts");
     dir.config("info", 1000);
-    dir.unit("flaky", &crasher(5, "strategy = \"restart_with_delay\"\ndelay_ms = 100\nmax_attempts = 2"));
+    dir.unit(
+        "flaky",
+        &crasher(
+            5,
+            "strategy = \"restart_with_delay\"\ndelay_ms = 100\nmax_attempts = 2",
+        ),
+    );
     let mut ns = Ns::start(&dir);
-    ns.expect_log("ALERT: flaky: crashed 3 times (exit:5), giving up", Duration::from_secs(10));
+    ns.expect_log(
+        "ALERT: flaky: crashed 3 times (exit:5), giving up",
+        Duration::from_secs(10),
+    );
     let starts_path = dir.session("flaky").join("starts");
-    assert_eq!(read_floats(&starts_path).len(), 3, "max_attempts = 2 means 3 starts{}", ns.ctx());
+    assert_eq!(
+        read_floats(&starts_path).len(),
+        3,
+        "max_attempts = 2 means 3 starts{}",
+        ns.ctx()
+    );
     thread::sleep(Duration::from_millis(1000));
-    assert_eq!(read_floats(&starts_path).len(), 3, "started again after giving up{}", ns.ctx());
+    assert_eq!(
+        read_floats(&starts_path).len(),
+        3,
+        "started again after giving up{}",
+        ns.ctx()
+    );
     let log = ns.log();
     assert_eq!(count(&log, "flaky: started, pid"), 3, "{}", ns.ctx());
     let lines = log_lines(&log);
     let (alert_at, _) = find_line(&lines, "ALERT: flaky").unwrap();
     assert!(
-        !lines[alert_at..].iter().any(|(_, l)| l.contains("flaky: started")),
+        !lines[alert_at..]
+            .iter()
+            .any(|(_, l)| l.contains("flaky: started")),
         "started after the ALERT{}",
         ns.ctx()
     );
@@ -701,14 +908,28 @@ fn max_attempts_is_honoured_and_crashes_are_recorded() {
     let mut state = None;
     let saved = wait_until(Duration::from_secs(5), || {
         state = dir.state_json();
-        state.as_ref().and_then(|s| s["crashes"].as_array()).is_some_and(|c| c.len() >= 3)
+        state
+            .as_ref()
+            .and_then(|s| s["crashes"].as_array())
+            .is_some_and(|c| c.len() >= 3)
     });
-    assert!(saved, "state file lacks the crash records: {state:?}{}", ns.ctx());
+    assert!(
+        saved,
+        "state file lacks the crash records: {state:?}{}",
+        ns.ctx()
+    );
     let state = state.unwrap();
     let crashes = state["crashes"].as_array().unwrap();
     assert_eq!(crashes.len(), 3, "{state:#}");
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    for (k, (c, action)) in crashes.iter().zip(["restart_in:100", "restart_in:100", "gave_up"]).enumerate() {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for (k, (c, action)) in crashes
+        .iter()
+        .zip(["restart_in:100", "restart_in:100", "gave_up"])
+        .enumerate()
+    {
         assert_eq!(c["unit"], "flaky", "{c}");
         assert_eq!(c["attempt"], k as u64 + 1, "{c}");
         assert_eq!(c["action"], action, "{c}");
@@ -717,12 +938,20 @@ fn max_attempts_is_honoured_and_crashes_are_recorded() {
         assert_eq!(c["core_dumped"], false, "{c}");
         assert!(c["uptime_ms"].as_u64().is_some_and(|u| u < 5000), "{c}");
         let t = c["time_ms"].as_u64().unwrap();
-        assert!(t <= now_ms && now_ms - t < 60_000, "time_ms {t} is not a recent wall-clock time: {c}");
+        assert!(
+            t <= now_ms && now_ms - t < 60_000,
+            "time_ms {t} is not a recent wall-clock time: {c}"
+        );
     }
     ns.shutdown_clean();
     // After shutdown the history is still on disk (saved again at power-off).
     let after = dir.state_json().expect("state file after shutdown");
-    let n = after["crashes"].as_array().unwrap().iter().filter(|c| c["unit"] == "flaky").count();
+    let n = after["crashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["unit"] == "flaky")
+        .count();
     assert_eq!(n, 3, "{after:#}");
 }
 
@@ -761,9 +990,19 @@ max_attempts = 3
     let ok = wait_until(Duration::from_secs(10), || sdir.join("result").exists());
     assert!(ok, "the restarted unit wrote no result{}", ns.ctx());
     let first = fs::read_to_string(sdir.join("first")).unwrap();
-    assert_eq!(first.trim(), "unit=keeper count=0 last=none", "{}", ns.ctx());
+    assert_eq!(
+        first.trim(),
+        "unit=keeper count=0 last=none",
+        "{}",
+        ns.ctx()
+    );
     let result = fs::read_to_string(sdir.join("result")).unwrap();
-    assert_eq!(result.trim(), "unit=keeper count=1 last=exit:7 data=payload-42 mode=700", "{}", ns.ctx());
+    assert_eq!(
+        result.trim(),
+        "unit=keeper count=1 last=exit:7 data=payload-42 mode=700",
+        "{}",
+        ns.ctx()
+    );
     let mode = fs::metadata(&sdir).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o700, "session state dir mode {mode:o}");
     assert_eq!(count(&ns.log(), "keeper: started, pid"), 2, "{}", ns.ctx());
@@ -777,10 +1016,27 @@ max_attempts = 3
     let ok = wait_until(Duration::from_secs(10), || sdir.join("result").exists());
     assert!(ok, "no result on the second boot{}", ns.ctx());
     let result = fs::read_to_string(sdir.join("result")).unwrap();
-    assert!(result.contains("data=payload-42 mode=700"), "second boot: {result}{}", ns.ctx());
-    assert_eq!(fs::read_to_string(sdir.join("first")).unwrap(), first, "first-run marker rewritten");
-    assert_eq!(count(&ns.log(), "keeper: started, pid"), 1, "the unit crashed on the second boot{}", ns.ctx());
-    assert!(ns.log().contains("restored state: 1 crash records"), "durable state not restored{}", ns.ctx());
+    assert!(
+        result.contains("data=payload-42 mode=700"),
+        "second boot: {result}{}",
+        ns.ctx()
+    );
+    assert_eq!(
+        fs::read_to_string(sdir.join("first")).unwrap(),
+        first,
+        "first-run marker rewritten"
+    );
+    assert_eq!(
+        count(&ns.log(), "keeper: started, pid"),
+        1,
+        "the unit crashed on the second boot{}",
+        ns.ctx()
+    );
+    assert!(
+        ns.log().contains("restored state: 1 crash records"),
+        "durable state not restored{}",
+        ns.ctx()
+    );
     ns.shutdown_clean();
 }
 
@@ -837,12 +1093,27 @@ stop_timeout_ms = 500
 "#,
     );
     let mut ns = Ns::start(&dir);
-    let pids = ["core", "db", "app", "bg", "web", "stubborn", "stray", "stubborn-stray"];
-    let ready = wait_until(Duration::from_secs(10), || pids.iter().all(|p| dir.out(&format!("{p}.pid")).exists()));
+    let pids = [
+        "core",
+        "db",
+        "app",
+        "bg",
+        "web",
+        "stubborn",
+        "stray",
+        "stubborn-stray",
+    ];
+    let ready = wait_until(Duration::from_secs(10), || {
+        pids.iter().all(|p| dir.out(&format!("{p}.pid")).exists())
+    });
     assert!(ready, "not every unit and stray came up{}", ns.ctx());
     let before = ns.members();
     let comms = before.iter().filter(|p| p.comm == "sh").count();
-    assert!(comms >= 8, "expected 6 unit shells and 2 strays, saw {before:?}{}", ns.ctx());
+    assert!(
+        comms >= 8,
+        "expected 6 unit shells and 2 strays, saw {before:?}{}",
+        ns.ctx()
+    );
 
     ns.shutdown_clean();
     let log = ns.log();
@@ -853,25 +1124,57 @@ stop_timeout_ms = 500
             .unwrap_or_else(|| panic!("{} never stopped{}", w[0], ns.ctx()));
         let (stopping, _) = find_line(&lines, &format!("{}: stopping (signal", w[1]))
             .unwrap_or_else(|| panic!("{} was never stopped{}", w[1], ns.ctx()));
-        assert!(stopped < stopping, "{} was stopped before {} was down{}", w[1], w[0], ns.ctx());
+        assert!(
+            stopped < stopping,
+            "{} was stopped before {} was down{}",
+            w[1],
+            w[0],
+            ns.ctx()
+        );
     }
     let (_, t_stop) = find_line(&lines, "stubborn: stopping (signal 15)").unwrap();
     let (_, t_kill) = find_line(&lines, "stubborn: did not stop in 500 ms, killing")
         .unwrap_or_else(|| panic!("stubborn was not SIGKILLed{}", ns.ctx()));
     let waited = ((t_kill - t_stop) * 1000.0).round() as i64;
-    assert!((480..=1000).contains(&waited), "stubborn killed {waited} ms after SIGTERM (stop_timeout_ms 500){}", ns.ctx());
+    assert!(
+        (480..=1000).contains(&waited),
+        "stubborn killed {waited} ms after SIGTERM (stop_timeout_ms 500){}",
+        ns.ctx()
+    );
     assert!(log.contains("stubborn: stopped (signal:9)"), "{}", ns.ctx());
     let (all_down, _) = find_line(&lines, "shutdown: all units stopped").unwrap();
-    let (term_all, _) = find_line(&lines, "shutdown: sending SIGTERM to all remaining processes")
-        .unwrap_or_else(|| panic!("no SIGTERM to remaining processes{}", ns.ctx()));
-    let (kill_all, _) = find_line(&lines, "shutdown: sending SIGKILL to all remaining processes")
-        .unwrap_or_else(|| panic!("the stray ignoring SIGTERM was not SIGKILLed{}", ns.ctx()));
+    let (term_all, _) = find_line(
+        &lines,
+        "shutdown: sending SIGTERM to all remaining processes",
+    )
+    .unwrap_or_else(|| panic!("no SIGTERM to remaining processes{}", ns.ctx()));
+    let (kill_all, _) = find_line(
+        &lines,
+        "shutdown: sending SIGKILL to all remaining processes",
+    )
+    .unwrap_or_else(|| panic!("the stray ignoring SIGTERM was not SIGKILLed{}", ns.ctx()));
     assert!(all_down < term_all && term_all < kill_all, "{}", ns.ctx());
 
     // What the processes themselves saw, in order.
     let stops = fs::read_to_string(dir.out("stops")).unwrap_or_default();
-    let seen: Vec<&str> = stops.lines().filter_map(|l| l.split_whitespace().next()).collect();
-    assert_eq!(seen, ["bg", "stubborn-term", "web", "app", "db", "core", "stray-term"], "{stops}{}", ns.ctx());
+    let seen: Vec<&str> = stops
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "bg",
+            "stubborn-term",
+            "web",
+            "app",
+            "db",
+            "core",
+            "stray-term"
+        ],
+        "{stops}{}",
+        ns.ctx()
+    );
     let status = ns.status.unwrap();
     eprintln!("unshare exit status after a clean shutdown: {status:?}");
 }
@@ -881,7 +1184,9 @@ stop_timeout_ms = 500
 // ---------------------------------------------------------------------------------------------
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ns/validate").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ns/validate")
+        .join(rel)
 }
 
 /// Runs `tau-init --validate`; returns (exit code, stdout).
@@ -895,7 +1200,10 @@ fn validate(config: &Path, units: &Path) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .expect("run tau-init --validate");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -909,53 +1217,128 @@ fn validate_reports_every_problem_located() {
     // (config, units dir, expected problems as (file, "line:col", key substrings))
     type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str, Vec<&'a str>)>);
     let cases: Vec<Case> = vec![
-        ("config-unknown-key.toml", "good/units", vec![("config-unknown-key.toml", "3:1", vec!["unknown key `frobnicate`"])]),
+        (
+            "config-unknown-key.toml",
+            "good/units",
+            vec![(
+                "config-unknown-key.toml",
+                "3:1",
+                vec!["unknown key `frobnicate`"],
+            )],
+        ),
         (
             "config-wrong-type.toml",
             "good/units",
-            vec![("config-wrong-type.toml", "3:28", vec!["`shutdown_kill_timeout_ms`", "invalid type", "expected a non-negative integer"])],
+            vec![(
+                "config-wrong-type.toml",
+                "3:28",
+                vec![
+                    "`shutdown_kill_timeout_ms`",
+                    "invalid type",
+                    "expected a non-negative integer",
+                ],
+            )],
         ),
-        ("good/tau.toml", "units-unknown-key", vec![("units-unknown-key/svc.toml", "2:1", vec!["unknown key `restart_policy`"])]),
-        ("good/tau.toml", "units-missing-exec", vec![("units-missing-exec/svc.toml", "1:1", vec!["`exec` must not be empty"])]),
+        (
+            "good/tau.toml",
+            "units-unknown-key",
+            vec![(
+                "units-unknown-key/svc.toml",
+                "2:1",
+                vec!["unknown key `restart_policy`"],
+            )],
+        ),
+        (
+            "good/tau.toml",
+            "units-missing-exec",
+            vec![(
+                "units-missing-exec/svc.toml",
+                "1:1",
+                vec!["`exec` must not be empty"],
+            )],
+        ),
         (
             "good/tau.toml",
             "units-relative-exec",
-            vec![("units-relative-exec/svc.toml", "2:1", vec!["`exec[0]` must be an absolute path", "`sh`"])],
+            vec![(
+                "units-relative-exec/svc.toml",
+                "2:1",
+                vec!["`exec[0]` must be an absolute path", "`sh`"],
+            )],
         ),
         (
             "good/tau.toml",
             "units-not-executable",
-            vec![("units-not-executable/svc.toml", "2:1", vec!["`/etc/passwd` is not executable"])],
+            vec![(
+                "units-not-executable/svc.toml",
+                "2:1",
+                vec!["`/etc/passwd` is not executable"],
+            )],
         ),
-        ("good/tau.toml", "units-unknown-dep", vec![("units-unknown-dep/svc.toml", "2:1", vec!["`after`: unknown unit `nosuch`"])]),
+        (
+            "good/tau.toml",
+            "units-unknown-dep",
+            vec![(
+                "units-unknown-dep/svc.toml",
+                "2:1",
+                vec!["`after`: unknown unit `nosuch`"],
+            )],
+        ),
         (
             "good/tau.toml",
             "units-cycle",
             vec![
-                ("units-cycle/a.toml", "2:1", vec!["dependency cycle: a -> b -> a"]),
-                ("units-cycle/b.toml", "2:1", vec!["dependency cycle: b -> a -> b"]),
+                (
+                    "units-cycle/a.toml",
+                    "2:1",
+                    vec!["dependency cycle: a -> b -> a"],
+                ),
+                (
+                    "units-cycle/b.toml",
+                    "2:1",
+                    vec!["dependency cycle: b -> a -> b"],
+                ),
             ],
         ),
         (
             "good/tau.toml",
             "units-bad-strategy",
-            vec![("units-bad-strategy/svc.toml", "4:12", vec!["`strategy`", "unknown value `sometimes`", "restart_with_backoff"])],
+            vec![(
+                "units-bad-strategy/svc.toml",
+                "4:12",
+                vec![
+                    "`strategy`",
+                    "unknown value `sometimes`",
+                    "restart_with_backoff",
+                ],
+            )],
         ),
     ];
     for (cfg, units, expected) in cases {
         let (code, out) = validate(&fixture(cfg), &fixture(units));
         assert_eq!(code, 1, "{cfg} + {units}: exit {code}\n{out}");
-        let problems: Vec<&str> = out.lines().filter(|l| !l.ends_with("problem(s) found")).collect();
+        let problems: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.ends_with("problem(s) found"))
+            .collect();
         assert_eq!(problems.len(), expected.len(), "{cfg} + {units}:\n{out}");
-        assert!(out.contains(&format!("{} problem(s) found", expected.len())), "{out}");
+        assert!(
+            out.contains(&format!("{} problem(s) found", expected.len())),
+            "{out}"
+        );
         for (file, at, words) in expected {
             let prefix = format!("{}:{at}: ", fixture(file).display());
             let line = problems
                 .iter()
                 .find(|l| l.starts_with(&prefix))
-                .unwrap_or_else(|| panic!("{cfg} + {units}: no line starting with `{prefix}`:\n{out}"));
+                .unwrap_or_else(|| {
+                    panic!("{cfg} + {units}: no line starting with `{prefix}`:\n{out}")
+                });
             for w in words {
-                assert!(line.contains(w), "{cfg} + {units}: `{w}` missing from `{line}`");
+                assert!(
+                    line.contains(w),
+                    "{cfg} + {units}: `{w}` missing from `{line}`"
+                );
             }
         }
     }
@@ -963,12 +1346,19 @@ fn validate_reports_every_problem_located() {
     // A missing config named explicitly is a problem too.
     let (code, out) = validate(&fixture("does-not-exist.toml"), &good_units);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("does-not-exist.toml:1:1: config file not found"), "{out}");
+    assert!(
+        out.contains("does-not-exist.toml:1:1: config file not found"),
+        "{out}"
+    );
 }
 
 #[test]
 fn bad_usage_and_not_pid1_exit_2() {
-    let out = Command::new(BIN).arg("--no-such-flag").stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--no-such-flag")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "unknown flag: {out:?}");
     let out = Command::new(BIN)
         .arg("--config")
@@ -976,6 +1366,13 @@ fn bad_usage_and_not_pid1_exit_2() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "not PID 1 without --foreground: {out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not PID 1"), "{out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "not PID 1 without --foreground: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not PID 1"),
+        "{out:?}"
+    );
 }

@@ -330,6 +330,8 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         .run_dir
         .clone()
         .unwrap_or_else(|| cfg.system.run_dir.clone());
+    // Reply paths are compared with <run-dir>/reply: it must be absolute.
+    let run_dir = std::path::absolute(&run_dir).unwrap_or(run_dir);
     let mut shown = cfg.clone();
     shown.system.units_dir = units_dir.clone();
     shown.system.run_dir = run_dir.clone();

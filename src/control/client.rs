@@ -45,6 +45,8 @@ pub fn call(
     flags: BTreeMap<String, serde_json::Value>,
     timeout_ms: u64,
 ) -> Result<Reply, CallError> {
+    // A relative run dir would give tau-init a relative reply path, which it must refuse.
+    let run_dir = &std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_path_buf());
     let control = run_dir.join("control");
     let unreachable = |why: String| {
         CallError::Unreachable(format!(
@@ -58,11 +60,7 @@ pub fn call(
         ));
     }
     let reply_dir = run_dir.join("reply");
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let path = reply_dir.join(format!("taucli.{}.{nanos}", std::process::id()));
+    let path = reply_dir.join(reply_name().map_err(CallError::Failed)?);
     nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
         .map_err(|e| CallError::Failed(format!("mkfifo {}: {}", path.display(), e.desc())))?;
     let guard = ReplyFifo(path.clone());
@@ -102,6 +100,17 @@ pub fn call(
     drop(guard);
     serde_json::from_slice::<Reply>(&data)
         .map_err(|e| CallError::Failed(format!("unreadable reply from tau-init: {e}")))
+}
+
+/// A reply FIFO name nobody can guess: the reply directory is not listable (mode 1733), so the
+/// name is the capability that ties a reply FIFO to the client that made it.
+pub fn reply_name() -> Result<String, String> {
+    let mut r = [0u8; 16];
+    let mut f = File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
+    f.read_exact(&mut r)
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("taucli.{hex}"))
 }
 
 /// Read until the writer closes or the deadline passes.
@@ -150,5 +159,19 @@ fn read_reply(reader: &mut File, timeout_ms: u64) -> Result<Vec<u8>, String> {
                 return Err("tau-init closed the reply without an answer".into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_names_are_random_128_bit() {
+        let a = reply_name().unwrap();
+        let b = reply_name().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "taucli.".len() + 32);
+        assert!(a["taucli.".len()..].chars().all(|c| c.is_ascii_hexdigit()));
     }
 }

@@ -150,6 +150,21 @@ pub enum Line {
 }
 
 impl LineBuffer {
+    /// A buffer that continues with `pending`, the unfinished line handed over by a previous
+    /// tau-init across re-exec.
+    pub fn with_pending(pending: Vec<u8>) -> Self {
+        let mut b = Self::default();
+        if pending.len() < MAX_REQUEST {
+            b.buf = pending;
+        }
+        b
+    }
+
+    /// The unfinished line read so far.
+    pub fn pending(&self) -> &[u8] {
+        if self.skipping { &[] } else { &self.buf }
+    }
+
     /// Feed bytes; returns the complete lines (and oversize notices) they finish.
     pub fn push(&mut self, data: &[u8]) -> Vec<Line> {
         let mut out = Vec::new();

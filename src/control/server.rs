@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -56,14 +56,21 @@ pub struct Pending {
 
 impl ControlServer {
     /// Create (or reuse) the FIFO and the reply directory, and open the FIFO read-write so it
-    /// never reports EOF.
-    pub fn open(run_dir: &Path, control_gid: Option<u32>) -> Result<Self, String> {
+    /// never reports EOF. `inherited` is the FIFO's descriptor and unfinished line handed over
+    /// by the previous tau-init across re-exec: kept open, nothing queued in it is lost.
+    pub fn open(
+        run_dir: &Path,
+        control_gid: Option<u32>,
+        inherited: Option<(OwnedFd, Vec<u8>)>,
+    ) -> Result<Self, String> {
         let path = run_dir.join("control");
         let reply_dir = run_dir.join("reply");
         fs::create_dir_all(run_dir).map_err(|e| format!("mkdir {}: {e}", run_dir.display()))?;
         fs::create_dir_all(&reply_dir)
             .map_err(|e| format!("mkdir {}: {e}", reply_dir.display()))?;
-        fs::set_permissions(&reply_dir, fs::Permissions::from_mode(0o1777))
+        // Sticky and writable for all, but not listable: a reply FIFO's random name is what
+        // keeps other users from naming it in their requests.
+        fs::set_permissions(&reply_dir, fs::Permissions::from_mode(0o1733))
             .map_err(|e| format!("chmod {}: {e}", reply_dir.display()))?;
         match fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_fifo() => {}
@@ -81,6 +88,22 @@ impl ControlServer {
             .map_err(|e| format!("chown {}: {e}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))
             .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        let on_disk = fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((fd, pending)) = inherited {
+            let f = File::from(fd);
+            let same = f.metadata().is_ok_and(|m| {
+                m.file_type().is_fifo() && m.dev() == on_disk.dev() && m.ino() == on_disk.ino()
+            });
+            if same && crate::sys::set_cloexec(&f, true).is_ok() {
+                return Ok(Self {
+                    fifo: f,
+                    path,
+                    reply_dir,
+                    lines: LineBuffer::with_pending(pending),
+                    rejected: 0,
+                });
+            }
+        }
         let fifo = OpenOptions::new()
             .read(true)
             .write(true)
@@ -94,6 +117,18 @@ impl ControlServer {
             lines: LineBuffer::default(),
             rejected: 0,
         })
+    }
+
+    /// Keep the FIFO open across exec: returns its fd (close-on-exec cleared) and the
+    /// unfinished line. `restore` undoes it when the exec failed.
+    pub fn handover(&self) -> Result<(i32, Vec<u8>), String> {
+        crate::sys::set_cloexec(&self.fifo, false)?;
+        Ok((self.fifo.as_raw_fd(), self.lines.pending().to_vec()))
+    }
+
+    /// Close-on-exec again (the exec failed).
+    pub fn restore(&self) {
+        let _ = crate::sys::set_cloexec(&self.fifo, true);
     }
 
     /// Raw fd for poll registration.

@@ -159,7 +159,15 @@ impl Runtime {
         if let Err(e) = std::fs::create_dir_all(&setup.run_dir) {
             log::error(&format!("mkdir {}: {e}", setup.run_dir.display()));
         }
-        let notify = match NotifySocket::bind(&setup.run_dir.join("notify")) {
+        // Descriptors handed over across re-exec (kept open, so nothing queued is lost).
+        let handed = setup.resume.as_ref();
+        let inherited_notify = handed
+            .and_then(|r| r.notify_fd)
+            .and_then(crate::sys::adopt_fd);
+        let inherited_control = handed
+            .and_then(|r| r.control_fd.map(|fd| (fd, r.control_pending.clone())))
+            .and_then(|(fd, pending)| crate::sys::adopt_fd(fd).map(|fd| (fd, pending)));
+        let notify = match NotifySocket::bind(&setup.run_dir.join("notify"), inherited_notify) {
             Ok(n) => {
                 poll.registry()
                     .register(&mut SourceFd(&n.fd()), NOTIFY, Interest::READABLE)?;
@@ -237,8 +245,11 @@ impl Runtime {
                 gid
             }
         };
-        let control = match crate::control::server::ControlServer::open(&setup.run_dir, control_gid)
-        {
+        let control = match crate::control::server::ControlServer::open(
+            &setup.run_dir,
+            control_gid,
+            inherited_control,
+        ) {
             Ok(c) => {
                 poll.registry()
                     .register(&mut SourceFd(&c.fd()), CONTROL, Interest::READABLE)?;

@@ -25,6 +25,14 @@ pub struct ResumeState {
     pub booted: bool,
     pub persistent_mounted: bool,
     pub orphans_reaped: u64,
+    /// The control FIFO, kept open across exec, and the unfinished request line read from it.
+    #[serde(default)]
+    pub control_fd: Option<i32>,
+    #[serde(default)]
+    pub control_pending: Vec<u8>,
+    /// The notify socket, kept open across exec.
+    #[serde(default)]
+    pub notify_fd: Option<i32>,
 }
 
 impl ResumeState {
@@ -82,6 +90,9 @@ impl Runtime {
             booted: self.setup.booted,
             persistent_mounted: self.setup.persistent_mounted,
             orphans_reaped: self.orphans_reaped,
+            control_fd: None,
+            control_pending: Vec::new(),
+            notify_fd: None,
         }
     }
 
@@ -92,6 +103,8 @@ impl Runtime {
         self.setup.booted = r.booted;
         self.setup.persistent_mounted = r.persistent_mounted;
         self.orphans_reaped = r.orphans_reaped;
+        // Whatever was queued in the inherited control FIFO is read at once.
+        self.control_backlog = r.control_fd.is_some();
         for (name, st) in r.units {
             match self.sup.find(&name) {
                 Some(i) => {
@@ -117,12 +130,28 @@ impl Runtime {
         }
     }
 
-    /// Serialize, then exec our binary with the same arguments plus `--resume FILE`. Returns only
-    /// when that failed (the loop then simply goes on).
+    /// Serialize, then exec our binary with the same arguments plus `--resume FILE`. The control
+    /// FIFO and the notify socket stay open across the exec, so nothing queued in them is lost.
+    /// Returns only when that failed (the loop then simply goes on).
     pub(super) fn reexec(&mut self) {
         self.save_if_dirty();
         let path = self.setup.run_dir.join(RESUME_FILE);
-        let state = self.resume_state();
+        let mut state = self.resume_state();
+        if let Some(c) = &self.control {
+            match c.handover() {
+                Ok((fd, pending)) => {
+                    state.control_fd = Some(fd);
+                    state.control_pending = pending;
+                }
+                Err(e) => log::warn(&format!("reexec: control FIFO will be reopened: {e}")),
+            }
+        }
+        if let Some(n) = &self.notify {
+            match n.handover() {
+                Ok(fd) => state.notify_fd = Some(fd),
+                Err(e) => log::warn(&format!("reexec: notify socket will be rebound: {e}")),
+            }
+        }
         let written = serde_json::to_vec(&state)
             .map_err(|e| e.to_string())
             .and_then(|b| crate::persist::write_atomic(&path, &b).map_err(|e| e.to_string()));
@@ -131,10 +160,12 @@ impl Runtime {
                 "reexec: cannot save state to {}: {e}; carrying on",
                 path.display()
             ));
+            self.reexec_failed(&path);
             return;
         }
         let Some(exe) = own_binary() else {
             log::error("reexec: cannot find our own binary; carrying on");
+            self.reexec_failed(&path);
             return;
         };
         let mut args: Vec<String> = Vec::new();
@@ -154,14 +185,13 @@ impl Runtime {
             state.units.len()
         ));
         let to_c = |s: &str| CString::new(s).ok();
-        let exe_c = to_c(&exe.to_string_lossy());
         let mut argv: Vec<CString> = vec![];
         if let Some(a0) = self.setup.argv.first().and_then(|a| to_c(a)) {
             argv.push(a0);
         }
         argv.extend(args.iter().filter_map(|a| to_c(a)));
-        if let Some(exe_c) = exe_c {
-            // Pending replies and other fds are close-on-exec; children stay our children.
+        if let Some(exe_c) = to_c(&exe.to_string_lossy()) {
+            // Other fds are close-on-exec; children stay our children.
             let env: Vec<CString> = std::env::vars()
                 .filter_map(|(k, v)| to_c(&format!("{k}={v}")))
                 .collect();
@@ -171,6 +201,17 @@ impl Runtime {
                 exe.display()
             ));
         }
-        let _ = std::fs::remove_file(&path);
+        self.reexec_failed(&path);
+    }
+
+    /// The exec did not happen: close-on-exec again, and no stale resume file.
+    fn reexec_failed(&self, path: &std::path::Path) {
+        if let Some(c) = &self.control {
+            c.restore();
+        }
+        if let Some(n) = &self.notify {
+            n.restore();
+        }
+        let _ = std::fs::remove_file(path);
     }
 }

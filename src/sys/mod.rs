@@ -99,6 +99,35 @@ pub fn daemonize(log: &std::path::Path) -> Result<bool, String> {
     }
 }
 
+/// Set or clear close-on-exec on a descriptor.
+pub fn set_cloexec(fd: &impl std::os::fd::AsFd, on: bool) -> Result<(), String> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags))
+        .map(drop)
+        .map_err(|e| format!("fcntl F_SETFD: {}", e.desc()))
+}
+
+/// Take ownership of a descriptor number handed over by the previous tau-init across
+/// re-exec. None when it is not open.
+pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: F_GETFD on an integer fd only reads the descriptor table.
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    if !open {
+        return None;
+    }
+    // SAFETY: the fd is open and was inherited across exec for us alone (the previous instance
+    // named it in the resume file); nothing else in this process owns it.
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
 /// Block forever (crash action `freeze`, or after a failed reboot(2)).
 pub fn freeze() -> ! {
     loop {
