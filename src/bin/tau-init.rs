@@ -137,10 +137,13 @@ fn main() -> ExitCode {
         return ExitCode::from(3);
     }
     if args.daemon && !pid1 {
-        let log_dir = args
-            .run_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/run/tau"));
+        // Same run dir as the supervisor will use: flag, else config, else the default.
+        let log_dir = args.run_dir.clone().unwrap_or_else(|| {
+            let (path, explicit) = config_path(&args, None);
+            config::load_config_or_default(&path, explicit)
+                .map(|c| c.system.run_dir)
+                .unwrap_or_else(|_| PathBuf::from("/run/tau"))
+        });
         match sys::daemonize(&log_dir.join("tau-init.log")) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => {}
