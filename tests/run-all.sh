@@ -5,7 +5,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export TAU_LOG_TAG=tests
-# shellcheck source=../qemu/common.sh
+# shellcheck source=qemu/common.sh
 . qemu/common.sh
 
 QEMU=1
@@ -36,4 +36,8 @@ if [ "$QEMU" = 1 ]; then
 fi
 
 step "cargo test --workspace"
-cargo test --workspace -- --test-threads=2
+out="$TAU_TARGET_DIR/test-output.log"
+mkdir -p "$TAU_TARGET_DIR"
+cargo test --workspace --all-targets -- --test-threads=2 2>&1 | tee "$out"
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$out"
