@@ -55,7 +55,6 @@ pub enum Key {
 pub enum Shutdown {
     Poweroff,
     Reboot,
-    Halt,
 }
 
 impl Shutdown {
@@ -63,7 +62,6 @@ impl Shutdown {
         match self {
             Shutdown::Poweroff => "poweroff",
             Shutdown::Reboot => "reboot",
-            Shutdown::Halt => "halt",
         }
     }
 }
@@ -75,7 +73,8 @@ pub struct Setup {
     pub units: Vec<Unit>,
     pub run_dir: PathBuf,
     pub pid1: bool,
-    /// Started by a kernel (not in a container): reboot(2) at the end.
+    /// Started by a kernel (not in a container): the API mounts, modules and the persistent
+    /// disk are ours.
     pub booted: bool,
     pub mode: Mode,
     /// Persistent disk mounted at `[system] persistent_mount` (unmounted at shutdown).
@@ -126,6 +125,8 @@ pub struct Runtime {
     pub orphans_reaped: u64,
     /// Events whose handling panicked (caught, logged).
     pub handler_panics: u64,
+    /// Took over from a previous instance (re-exec): no boot, units are already up.
+    resumed: bool,
 }
 
 fn now() -> Now {
@@ -284,6 +285,7 @@ impl Runtime {
             audit_log,
             orphans_reaped: 0,
             handler_panics: 0,
+            resumed: false,
         };
         if let Some(r) = rt.setup.resume.take() {
             rt.resume(r);
@@ -294,7 +296,7 @@ impl Runtime {
     /// Run until shutdown completes. Returns how the system should go down.
     pub fn run(&mut self) -> Shutdown {
         let mode = self.setup.mode;
-        if self.setup.argv.iter().any(|a| a == "--resume") {
+        if self.resumed {
             log::info(&format!(
                 "resumed after re-exec with {} units",
                 self.sup.units.len()
@@ -736,7 +738,6 @@ impl Runtime {
         let how = match kind {
             Shutdown::Poweroff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
             Shutdown::Reboot => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
-            Shutdown::Halt => nix::sys::reboot::RebootMode::RB_HALT_SYSTEM,
         };
         let Err(e) = nix::sys::reboot::reboot(how);
         log::error(&format!("reboot(2): {}; halting here", e.desc()));

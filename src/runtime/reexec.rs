@@ -98,6 +98,7 @@ impl Runtime {
 
     /// Take over the state of the previous instance.
     pub(super) fn resume(&mut self, r: ResumeState) {
+        self.resumed = true;
         self.sup.mode = r.mode;
         self.sup.crashes = r.crashes.into();
         self.setup.booted = r.booted;
