@@ -134,7 +134,8 @@ pub fn parse_line(line: &[u8]) -> Result<Request, Rejected> {
 /// Splits a byte stream into lines, dropping (and counting) lines over [`MAX_REQUEST`].
 #[derive(Debug, Default)]
 pub struct LineBuffer {
-    buf: Vec<u8>,
+    /// The line being assembled: fixed capacity, never grows past a request's limit.
+    buf: heapless::Vec<u8, MAX_REQUEST>,
     /// Discarding the rest of an over-long line.
     skipping: bool,
     /// Over-long lines dropped so far.
@@ -155,7 +156,8 @@ impl LineBuffer {
     pub fn with_pending(pending: Vec<u8>) -> Self {
         let mut b = Self::default();
         if pending.len() < MAX_REQUEST {
-            b.buf = pending;
+            // Fits: checked above.
+            let _ = b.buf.extend_from_slice(&pending);
         }
         b
     }
@@ -174,18 +176,19 @@ impl LineBuffer {
                 None => (chunk, false),
             };
             if !self.skipping {
-                if self.buf.len() + body.len() >= MAX_REQUEST {
+                // A full line must leave room for nothing more: MAX_REQUEST counts the newline.
+                if self.buf.len() + body.len() >= MAX_REQUEST
+                    || self.buf.extend_from_slice(body).is_err()
+                {
                     self.buf.clear();
                     self.skipping = true;
                     self.oversized += 1;
                     out.push(Line::Oversized);
-                } else {
-                    self.buf.extend_from_slice(body);
                 }
             }
             if ends {
                 if !self.skipping && !self.buf.is_empty() {
-                    out.push(Line::Complete(std::mem::take(&mut self.buf)));
+                    out.push(Line::Complete(self.buf.to_vec()));
                 }
                 self.buf.clear();
                 self.skipping = false;
