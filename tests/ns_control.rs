@@ -14,23 +14,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-const TAU: &str = env!("CARGO_BIN_EXE_tau-init");
+use common::{
+    NsInit, Proc, TestDir, host_procs, lock, log_tail, ns_test_guard, parse_stat, pid_ns_link,
+    unshare_tau_init, uptime, wait_until,
+};
+
 const CLI: &str = env!("CARGO_BIN_EXE_taucli");
 
 /// `REPLY_TIMEOUT_MS` of `src/control/server.rs`.
@@ -43,90 +48,17 @@ const STATES: &[&str] = &[
 ];
 
 // ---------------------------------------------------------------------------------------------
-// Environment checks
-// ---------------------------------------------------------------------------------------------
-
-fn ns_unavailable() -> Option<String> {
-    static PROBE: OnceLock<Option<String>> = OnceLock::new();
-    PROBE
-        .get_or_init(|| {
-            if !nix::unistd::geteuid().is_root() {
-                return Some("not running as root".into());
-            }
-            match Command::new("unshare")
-                .args(["--pid", "--fork", "--mount-proc", "/bin/true"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-            {
-                Ok(s) if s.success() => None,
-                Ok(s) => Some(format!(
-                    "`unshare --pid --fork --mount-proc /bin/true` failed ({s})"
-                )),
-                Err(e) => Some(format!("cannot run `unshare`: {e}")),
-            }
-        })
-        .clone()
-}
-
-/// The lock that serialises the tests of this file (tau-init instances and timings).
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn ns_guard(test: &str) -> Option<MutexGuard<'static, ()>> {
-    if let Some(why) = ns_unavailable() {
-        eprintln!("SKIP {test}: {why}");
-        return None;
-    }
-    Some(lock())
-}
-
-macro_rules! ns_test_guard {
-    ($name:expr) => {
-        match ns_guard($name) {
-            Some(g) => g,
-            None => return,
-        }
-    };
-}
-
-// ---------------------------------------------------------------------------------------------
 // Temp dirs, config and units
 // ---------------------------------------------------------------------------------------------
 
-struct TestDir {
-    path: PathBuf,
-}
-
+/// A fresh directory per test (see `common::TestDir`), kept when the test failed or
+/// `TAU_CTL_KEEP` is set.
 impl TestDir {
     fn new(name: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "tau-ctl-{name}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let s = path.to_str().expect("utf-8 temp dir");
-        assert!(
-            !s.contains(['"', '\\', '\'', ' ']),
-            "temp dir {s} needs quoting"
-        );
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(path.join("units")).unwrap();
+        let dir = TestDir::create("tau-ctl", name, "TAU_CTL_KEEP");
         // Reachable by the unprivileged caller of the permission test.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        Self { path }
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.path.join(rel)
+        fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o755)).unwrap();
+        dir
     }
 
     fn run(&self) -> PathBuf {
@@ -174,16 +106,6 @@ session_state_path = "{d}/session"
     }
 }
 
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if thread::panicking() || std::env::var_os("TAU_CTL_KEEP").is_some() {
-            eprintln!("kept test dir {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 const SLEEPER: &str = r#"exec = ["/bin/sleep", "1000"]"#;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -193,92 +115,18 @@ fn fixture(rel: &str) -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side view of processes
+// Host-side view of processes, FIFOs, requests
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-#[allow(dead_code)]
-struct Proc {
-    pid: i32,
-    ppid: i32,
-    state: char,
-    comm: String,
-}
-
-fn parse_stat(pid: i32) -> Option<(String, Vec<String>)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let comm = stat[open + 1..close].to_string();
-    // Fields from the 3rd on (state is index 0 here).
-    Some((
-        comm,
-        stat[close + 1..]
-            .split_whitespace()
-            .map(str::to_string)
-            .collect(),
-    ))
-}
-
-fn host_procs() -> Vec<Proc> {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut v = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Some((comm, rest)) = parse_stat(pid) else {
-            continue;
-        };
-        let state = rest.first().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        v.push(Proc {
-            pid,
-            ppid,
-            state,
-            comm,
-        });
-    }
-    v
-}
 
 /// `starttime` (field 22 of `/proc/<pid>/stat`), in clock ticks since boot.
 fn start_time(host_pid: i32) -> Option<u64> {
     parse_stat(host_pid)?.1.get(19)?.parse().ok()
 }
 
-fn pid_ns_link(pid: i32) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/pid"))
-        .ok()
-        .map(|p| p.display().to_string())
-}
-
 fn alive(host_pid: i32) -> bool {
     match parse_stat(host_pid) {
         Some((_, rest)) => rest.first().map(String::as_str) != Some("Z"),
         None => false,
-    }
-}
-
-/// Host's boot clock in seconds (`/proc/uptime`).
-fn uptime() -> f64 {
-    fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|t| t.parse().ok()))
-        .unwrap_or(0.0)
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -388,15 +236,34 @@ fn taucli_nobody(run: &Path, args: &[&str]) -> Out {
 // tau-init in a PID namespace
 // ---------------------------------------------------------------------------------------------
 
+/// The log for failure messages (lines cut at 300 bytes, at most 150 lines).
+fn ctx_short_lines(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(|l| if l.len() > 300 { &l[..300] } else { l })
+        .collect();
+    log_tail(&lines, 150)
+}
+
+/// `common::NsInit` (tau-init under unshare) plus its run dir, for taucli. Dropping it tries
+/// `taucli poweroff` first, then kills unshare's process group; `NsInit` then kills what is
+/// left and waits.
 struct Ns {
-    child: Child,
+    init: NsInit,
     run: PathBuf,
-    /// Host pid of tau-init (PID 1 inside).
-    pid1: i32,
-    ns_link: String,
-    log: Arc<Mutex<String>>,
-    reader: Option<JoinHandle<()>>,
-    status: Option<ExitStatus>,
+}
+
+impl Deref for Ns {
+    type Target = NsInit;
+    fn deref(&self) -> &NsInit {
+        &self.init
+    }
+}
+
+impl DerefMut for Ns {
+    fn deref_mut(&mut self) -> &mut NsInit {
+        &mut self.init
+    }
 }
 
 impl Ns {
@@ -408,98 +275,18 @@ impl Ns {
     /// Starts tau-init with `--run-dir RUN_ARG` and the test dir as working directory; with
     /// `check`, waits until `status` is answered (at the absolute run dir).
     fn start_with(dir: &TestDir, run_arg: &Path, check: bool) -> Ns {
-        let mut child = Command::new("unshare")
-            .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-            .arg(TAU)
-            .arg("--config")
-            .arg(dir.p("tau.toml"))
-            .arg("--units")
-            .arg(dir.p("units"))
-            .arg("--run-dir")
-            .arg(run_arg)
-            .current_dir(&dir.path)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn unshare");
-        let mut err = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&log);
-        let reader = thread::spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match err.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => sink
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        let mut ns = Ns {
-            child,
+        let mut cmd = unshare_tau_init(dir, run_arg);
+        cmd.current_dir(&dir.path).process_group(0);
+        let ns = Ns {
+            init: NsInit::spawn(cmd, ctx_short_lines),
             run: dir.run(),
-            pid1: 0,
-            ns_link: String::new(),
-            log,
-            reader: Some(reader),
-            status: None,
         };
-        let upid = ns.child.id() as i32;
-        let own = pid_ns_link(std::process::id() as i32);
-        let found = wait_until(Duration::from_secs(10), || {
-            let Some(p) = host_procs().into_iter().find(|p| p.ppid == upid) else {
-                return false;
-            };
-            match pid_ns_link(p.pid) {
-                Some(link) if Some(&link) != own.as_ref() => {
-                    ns.pid1 = p.pid;
-                    ns.ns_link = link;
-                    true
-                }
-                _ => false,
-            }
-        });
-        assert!(
-            found,
-            "tau-init did not appear as the child of unshare{}",
-            ns.ctx()
-        );
-        ns.expect_log("units in normal mode", Duration::from_secs(10));
         if !check {
             return ns;
         }
         let up = wait_until(Duration::from_secs(10), || ns.cli(&["status"]).code == 0);
         assert!(up, "tau-init does not answer `status`{}", ns.ctx());
         ns
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn ctx(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log
-            .lines()
-            .map(|l| if l.len() > 300 { &l[..300] } else { l })
-            .collect();
-        let skip = lines.len().saturating_sub(150);
-        format!(
-            "\n--- tau-init stderr (last {} lines) ---\n{}\n---",
-            lines.len() - skip,
-            lines[skip..].join("\n")
-        )
-    }
-
-    fn expect_log(&self, pat: &str, timeout: Duration) {
-        let ok = wait_until(timeout, || self.log().contains(pat));
-        assert!(ok, "no `{pat}` in the log within {timeout:?}{}", self.ctx());
     }
 
     fn count_log(&self, pat: &str) -> usize {
@@ -597,21 +384,6 @@ impl Ns {
         alive(self.pid1) && pid_ns_link(self.pid1).as_deref() == Some(self.ns_link.as_str())
     }
 
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + timeout;
-        while self.status.is_none() {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.status = Some(s);
-                break;
-            }
-            if Instant::now() >= end {
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        self.status
-    }
-
     fn ns_leftovers(&self) -> Vec<Proc> {
         host_procs()
             .into_iter()
@@ -651,15 +423,6 @@ impl Ns {
         assert_eq!(o.code, 3, "status after {cmd}: {o:?}");
         st.unwrap_or_else(|| unreachable!())
     }
-
-    fn join_reader(&mut self) {
-        if let Some(r) = self.reader.take() {
-            let _ = wait_until(Duration::from_secs(5), || r.is_finished());
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
-    }
 }
 
 impl Drop for Ns {
@@ -669,14 +432,9 @@ impl Drop for Ns {
             let _ = taucli(&self.run, &["poweroff", "--timeout", "1000"]);
             if self.wait_exit(Duration::from_secs(5)).is_none() {
                 let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
-                if self.pid1 > 0 {
-                    let _ = kill(Pid::from_raw(self.pid1), Signal::SIGKILL);
-                }
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                // `NsInit`'s drop then SIGKILLs PID 1 and unshare and waits for them.
             }
         }
-        self.join_reader();
     }
 }
 

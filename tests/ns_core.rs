@@ -11,105 +11,35 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::process::{Command, Stdio};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tau-init");
-
-// ---------------------------------------------------------------------------------------------
-// Environment checks
-// ---------------------------------------------------------------------------------------------
-
-/// Why namespace tests cannot run here, if they cannot.
-fn ns_unavailable() -> Option<String> {
-    static PROBE: OnceLock<Option<String>> = OnceLock::new();
-    PROBE
-        .get_or_init(|| {
-            if !nix::unistd::geteuid().is_root() {
-                return Some("not running as root".into());
-            }
-            match Command::new("unshare")
-                .args(["--pid", "--fork", "--mount-proc", "/bin/true"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-            {
-                Ok(s) if s.success() => None,
-                Ok(s) => Some(format!(
-                    "`unshare --pid --fork --mount-proc /bin/true` failed ({s})"
-                )),
-                Err(e) => Some(format!("cannot run `unshare`: {e}")),
-            }
-        })
-        .clone()
-}
-
-/// The lock that serialises namespace tests, or None (after printing why) to skip.
-fn ns_guard(test: &str) -> Option<MutexGuard<'static, ()>> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    if let Some(why) = ns_unavailable() {
-        eprintln!("SKIP {test}: {why}");
-        return None;
-    }
-    Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
-}
-
-macro_rules! ns_test_guard {
-    ($name:expr) => {
-        match ns_guard($name) {
-            Some(g) => g,
-            None => return,
-        }
-    };
-}
+use common::TAU_INIT as BIN;
+use common::{
+    NsInit as Ns, Proc, TestDir, host_procs, log_tail, ns_test_guard, pid_ns_link,
+    unshare_tau_init, uptime, wait_until,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Temp dirs, config and units
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh directory per test: `tau.toml`, `units/`, `out/` (for markers written by units),
-/// and the run/state/session dirs tau-init creates. Removed on drop unless the test failed
-/// or `TAU_NS_KEEP` is set.
-struct TestDir {
-    path: PathBuf,
-}
-
+/// A fresh directory per test (see `common::TestDir`): `tau.toml`, `units/`, `out/` (for
+/// markers written by units), and the run/state/session dirs tau-init creates. Kept when the
+/// test failed or `TAU_NS_KEEP` is set.
 impl TestDir {
     fn new(name: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "tau-ns-{name}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let s = path.to_str().expect("utf-8 temp dir");
-        assert!(
-            !s.contains(['"', '\\', '\'', ' ']),
-            "temp dir {s} needs quoting"
-        );
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(path.join("units")).unwrap();
-        fs::create_dir_all(path.join("out")).unwrap();
-        Self { path }
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.path.join(rel)
+        let dir = TestDir::create("tau-ns", name, "TAU_NS_KEEP");
+        fs::create_dir_all(dir.p("out")).unwrap();
+        dir
     }
 
     fn out(&self, rel: &str) -> PathBuf {
@@ -154,84 +84,9 @@ session_state_path = "{d}/session"
     }
 }
 
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if thread::panicking() || std::env::var_os("TAU_NS_KEEP").is_some() {
-            eprintln!("kept test dir {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Host-side view of processes
+// Timestamps
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct Proc {
-    pid: i32,
-    ppid: i32,
-    state: char,
-    comm: String,
-}
-
-/// Every process on the host (those that vanish while scanning are skipped).
-fn host_procs() -> Vec<Proc> {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut v = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_string();
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        v.push(Proc {
-            pid,
-            ppid,
-            state,
-            comm,
-        });
-    }
-    v
-}
-
-fn pid_ns_link(pid: i32) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/pid"))
-        .ok()
-        .map(|p| p.display().to_string())
-}
-
-/// Host's monotonic (boot) clock in seconds, the clock units read from `/proc/uptime`.
-fn uptime() -> f64 {
-    fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|t| t.parse().ok()))
-        .unwrap_or(0.0)
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Numbers, one per line (timestamps units appended from `/proc/uptime`).
 fn read_floats(path: &Path) -> Vec<f64> {
@@ -253,134 +108,21 @@ fn gaps_ms(ts: &[f64]) -> Vec<i64> {
 // tau-init in a PID namespace
 // ---------------------------------------------------------------------------------------------
 
-/// `unshare --pid --fork --mount-proc --kill-child tau-init ...`, with stderr collected by a
-/// thread. Dropping it SIGKILLs tau-init (the kernel then kills the whole namespace) and
-/// unshare, and waits for both.
-struct Ns {
-    child: Child,
-    /// Host pid of tau-init (PID 1 inside).
-    pid1: i32,
-    /// `/proc/<pid1>/ns/pid` link, to recognise members of the namespace.
-    ns_link: String,
-    /// That namespace file, held open so that its inode number cannot be reused by another
-    /// namespace while we look for leftovers.
-    ns_file: Option<fs::File>,
-    log: Arc<Mutex<String>>,
-    reader: Option<JoinHandle<()>>,
-    status: Option<ExitStatus>,
+/// The log for failure messages (per-orphan debug lines left out, at most 300 lines).
+fn ctx_without_orphans(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("reaped orphan"))
+        .collect();
+    log_tail(&lines, 300)
 }
 
+/// `common::NsInit` (tau-init under unshare; dropping it kills the namespace), plus what the
+/// tests of this file look at: members, zombies, leftovers and a clean SIGTERM shutdown.
 impl Ns {
     /// Starts tau-init on `dir` and waits until it has begun starting units.
     fn start(dir: &TestDir) -> Ns {
-        let mut child = Command::new("unshare")
-            .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-            .arg(BIN)
-            .arg("--config")
-            .arg(dir.p("tau.toml"))
-            .arg("--units")
-            .arg(dir.p("units"))
-            .arg("--run-dir")
-            .arg(dir.p("run"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn unshare");
-        let mut err = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&log);
-        let reader = thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match err.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => sink
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        let mut ns = Ns {
-            child,
-            pid1: 0,
-            ns_link: String::new(),
-            ns_file: None,
-            log,
-            reader: Some(reader),
-            status: None,
-        };
-        let upid = ns.child.id() as i32;
-        let own = pid_ns_link(std::process::id() as i32);
-        let found = wait_until(Duration::from_secs(10), || {
-            let Some(p) = host_procs().into_iter().find(|p| p.ppid == upid) else {
-                return false;
-            };
-            match pid_ns_link(p.pid) {
-                Some(link) if Some(&link) != own.as_ref() => {
-                    ns.pid1 = p.pid;
-                    ns.ns_link = link;
-                    ns.ns_file = fs::File::open(format!("/proc/{}/ns/pid", p.pid)).ok();
-                    true
-                }
-                _ => false,
-            }
-        });
-        assert!(
-            found,
-            "tau-init did not appear as the child of unshare{}",
-            ns.ctx()
-        );
-        ns.expect_log("units in normal mode", Duration::from_secs(10));
-        ns
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The log for failure messages (per-orphan debug lines left out, at most 300 lines).
-    fn ctx(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| !l.contains("reaped orphan"))
-            .collect();
-        let skip = lines.len().saturating_sub(300);
-        format!(
-            "\n--- tau-init stderr (last {} lines) ---\n{}\n---",
-            lines.len() - skip,
-            lines[skip..].join("\n")
-        )
-    }
-
-    fn expect_log(&self, pat: &str, timeout: Duration) {
-        let ok = wait_until(timeout, || self.log().contains(pat));
-        assert!(ok, "no `{pat}` in the log within {timeout:?}{}", self.ctx());
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.pid1), sig)
-            .unwrap_or_else(|e| panic!("kill({}, {sig}): {e}", self.pid1));
-    }
-
-    /// Waits for unshare to exit.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + timeout;
-        while self.status.is_none() {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.status = Some(s);
-                break;
-            }
-            if Instant::now() >= end {
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        self.status
+        Ns::spawn(unshare_tau_init(dir, &dir.p("run")), ctx_without_orphans)
     }
 
     /// Host view of the namespace: PID 1 and all its descendants (orphans are its children),
@@ -458,29 +200,6 @@ impl Ns {
             "processes of the namespace left after shutdown: {left:?}{}",
             self.ctx()
         );
-    }
-
-    fn join_reader(&mut self) {
-        if let Some(r) = self.reader.take() {
-            // Every writer is in the namespace, which dies with PID 1: EOF comes promptly.
-            let _ = wait_until(Duration::from_secs(5), || r.is_finished());
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            if self.pid1 > 0 {
-                let _ = kill(Pid::from_raw(self.pid1), Signal::SIGKILL);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        self.join_reader();
     }
 }
 
