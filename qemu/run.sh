@@ -5,7 +5,9 @@
 #   --append "ARGS"  extra kernel command line (after console=ttyS0 panic=-1 loglevel=4)
 #   --disk FILE      attach FILE as a raw virtio disk (/dev/vda); created (64 MiB sparse,
 #                    mkfs.ext4) if it does not exist
-#   --units DIR      add DIR/*.toml units and DIR/bin/* (see initramfs/build.sh; repeatable)
+#   --units DIR      add DIR/*.toml units, DIR/bin/* and DIR/etc/* (see initramfs/build.sh;
+#                    repeatable). Without --check, qemu/dev-units (a root shell on the console)
+#                    is added too.
 #   --image FILE     initramfs to build/boot (default: target/tauos-initramfs.cpio.gz)
 #   --init FILE      build with FILE as /init instead of tau-init (placeholder boots)
 #   --no-build       boot the existing image as is
@@ -86,6 +88,9 @@ tau_kernel
 if [ "$CHECK" = 1 ]; then
     UNITS=(--units "$TAU_REPO_ROOT/qemu/check-units" "${UNITS[@]}")
     APPEND="${APPEND:+$APPEND }tau_check.run=1"
+else
+    # Interactive boot: a root shell on the console (qemu/dev-units).
+    UNITS=(--units "$TAU_REPO_ROOT/qemu/dev-units" "${UNITS[@]}")
 fi
 if [ "$BUILD" = 1 ]; then
     build=("$TAU_REPO_ROOT/initramfs/build.sh" --out "$IMAGE" "${UNITS[@]}")
