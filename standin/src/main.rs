@@ -238,6 +238,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // SAFETY: the handlers only store to atomics, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
@@ -252,6 +253,8 @@ fn main() {
     let restarts = var("TAU_RESTART_COUNT").unwrap_or_else(|| "0".into());
     let last_exit = var("TAU_LAST_EXIT").unwrap_or_else(|| "none".into());
     let pid = std::process::id();
+    // The fault-injection dir exists from the start, so `echo 3 > DIR/crash` just works.
+    let _ = std::fs::create_dir_all(&control);
     let mut d = Daemon {
         unit,
         state,
