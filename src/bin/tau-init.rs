@@ -128,10 +128,11 @@ fn main() -> ExitCode {
         let msg = format!("tau-init: internal error: {info}\n");
         let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
     }));
-    if args.validate {
+    // PID 1 must never return: the one-shot modes are for a shell, not for the kernel.
+    if args.validate && !pid1 {
         return validate(&args);
     }
-    if args.check {
+    if args.check && !pid1 {
         // The health score is computed from resource monitoring, which this build lacks.
         eprintln!("tau-init: health report not available yet: resource monitoring is not built in");
         return ExitCode::from(3);
