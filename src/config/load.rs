@@ -473,7 +473,10 @@ fn resolve_ids(uf: &UnitFile, ids: &IdDb, c: &mut Checker) -> (Option<u32>, Opti
 
 /// Whether `name` is a valid unit name: `[A-Za-z0-9_.@-]+`, at most 64 characters.
 pub fn valid_unit_name(name: &str) -> bool {
+    // Names become path components (state and cgroup directories): never `.` or `..`, and
+    // never hidden.
     !name.is_empty()
+        && !name.starts_with('.')
         && name.len() <= 64
         && name
             .bytes()
@@ -1769,7 +1772,7 @@ reset_after_ms = 90000
         ] {
             assert!(valid_unit_name(ok), "{ok}");
         }
-        for bad in ["", "a b", "a/b", "é", "a:b", &"n".repeat(65)] {
+        for bad in ["", "a b", "a/b", "é", "a:b", ".", "..", ".hidden", &"n".repeat(65)] {
             assert!(!valid_unit_name(bad), "{bad}");
             assert!(unit(bad, "exec = [\"/x\"]\n").is_err(), "{bad}");
         }
