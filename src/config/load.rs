@@ -1772,7 +1772,17 @@ reset_after_ms = 90000
         ] {
             assert!(valid_unit_name(ok), "{ok}");
         }
-        for bad in ["", "a b", "a/b", "é", "a:b", ".", "..", ".hidden", &"n".repeat(65)] {
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "é",
+            "a:b",
+            ".",
+            "..",
+            ".hidden",
+            &"n".repeat(65),
+        ] {
             assert!(!valid_unit_name(bad), "{bad}");
             assert!(unit(bad, "exec = [\"/x\"]\n").is_err(), "{bad}");
         }

@@ -332,6 +332,39 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic_and_lines_stay_bounded() {
+        // xorshift: deterministic garbage, biased towards newlines and the request marker.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut b = LineBuffer::default();
+        for _ in 0..2000 {
+            let len = (next() % 9000) as usize;
+            let mut chunk: Vec<u8> = (0..len)
+                .map(|_| match next() % 50 {
+                    0 => b'\n',
+                    _ => next() as u8,
+                })
+                .collect();
+            if next() % 3 == 0 {
+                chunk.extend_from_slice(MAGIC.as_bytes());
+                chunk.extend_from_slice(br#"{"reply":"/r/x","cmd":"status"}"#);
+            }
+            for line in b.push(&chunk) {
+                if let Line::Complete(l) = line {
+                    assert!(l.len() < MAX_REQUEST);
+                    let _ = parse_line(&l);
+                }
+            }
+            assert!(b.pending().len() < MAX_REQUEST);
+        }
+    }
+
+    #[test]
     fn mutating_table() {
         assert_eq!(is_mutating("status"), Some(false));
         assert_eq!(is_mutating("poweroff"), Some(true));
