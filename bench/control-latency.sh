@@ -107,16 +107,19 @@ done
 CARGO=$(command -v cargo || true)
 [[ -n $CARGO ]] || CARGO="$HOME/.cargo/bin/cargo"
 [[ -x $CARGO ]] || die "cargo not found"
+# The binaries as TauOS ships them (initramfs/build.sh): static, so no dynamic loader cost.
+TRIPLE=x86_64-unknown-linux-gnu
 if ((BUILD)); then
-    echo "building tau-init (release)..." >&2
-    (cd "$REPO_DIR" && "$CARGO" build --release --quiet --bin tau-init --bin taucli)
+    echo "building tau-init (release, static)..." >&2
+    (cd "$REPO_DIR" && RUSTFLAGS="-C target-feature=+crt-static" \
+        "$CARGO" build --release --quiet --target "$TRIPLE" --bin tau-init --bin taucli)
 fi
 BUILD_DONE=$EPOCHREALTIME
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR="$REPO_DIR/$TARGET_DIR"
-TAU_INIT="$TARGET_DIR/release/tau-init"
-TAUCLI="$TARGET_DIR/release/taucli"
-[[ -x $TAU_INIT && -x $TAUCLI ]] || die "built binaries not found in $TARGET_DIR/release"
+TAU_INIT="$TARGET_DIR/$TRIPLE/release/tau-init"
+TAUCLI="$TARGET_DIR/$TRIPLE/release/taucli"
+[[ -x $TAU_INIT && -x $TAUCLI ]] || die "built binaries not found in $TARGET_DIR/$TRIPLE/release"
 
 # ----------------------------------------------------------------- cleanup --
 # The run dirs of all three supervisors live on a tmpfs in production (/run):
