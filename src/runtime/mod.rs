@@ -12,7 +12,6 @@ use std::time::Duration;
 use libc::{SIGCHLD, SIGHUP, SIGINT, SIGPWR, SIGTERM, SIGUSR1, SIGUSR2};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::cgroup::Cgroups;
@@ -406,19 +405,21 @@ impl Runtime {
     fn reap(&mut self) {
         self.reap_backlog = false;
         for _ in 0..REAP_BATCH {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => return,
-                Ok(WaitStatus::Exited(pid, code)) => {
-                    self.child_exited(pid.as_raw(), ExitInfo::Exited { code })
+            match crate::sys::reap_one() {
+                Ok(None) => return,
+                Ok(Some((pid, Some(crate::sys::WaitResult::Exited(code))))) => {
+                    self.child_exited(pid, ExitInfo::Exited { code })
                 }
-                Ok(WaitStatus::Signaled(pid, sig, core)) => self.child_exited(
-                    pid.as_raw(),
-                    ExitInfo::Signaled {
-                        signal: sig as i32,
-                        core_dumped: core,
-                    },
-                ),
-                Ok(_) => {}
+                Ok(Some((pid, Some(crate::sys::WaitResult::Signaled(signal, core_dumped))))) => {
+                    self.child_exited(
+                        pid,
+                        ExitInfo::Signaled {
+                            signal,
+                            core_dumped,
+                        },
+                    )
+                }
+                Ok(Some((_, None))) => {}
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(nix::errno::Errno::ECHILD) => {
                     self.no_children_left();

@@ -243,9 +243,22 @@ pub fn spawn(spec: &SpawnSpec) -> Result<i32, SpawnError> {
     let mut envp: Vec<*const libc::c_char> = spec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
     let devnull = c"/dev/null";
+    // Block every signal across fork, so no handler of ours runs in the child before it has
+    // reset the dispositions; the parent restores its mask right after.
+    let mut all: libc::sigset_t = unsafe_zeroed_sigset();
+    let mut old: libc::sigset_t = unsafe_zeroed_sigset();
+    // SAFETY: sigfillset/sigprocmask write only to the sigset_t values we own here.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, &mut old);
+    }
     // SAFETY: fork(2) in a single-threaded process; the child only calls async-signal-safe
     // functions (see child_after_fork) and always ends in execve or _exit.
     let pid = unsafe { libc::fork() };
+    if pid != 0 {
+        // SAFETY: restores the mask saved above; `old` is a valid sigset_t.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
     if pid < 0 {
         return Err(parent_err(Errno::last()));
     }
@@ -306,16 +319,18 @@ unsafe fn child_after_fork(
             libc::write(status_fd, msg.as_ptr().cast(), msg.len());
             libc::_exit(127);
         };
-        // Signals: default dispositions and an empty mask, as a fresh process expects.
+        // Signals (all blocked since before fork): default dispositions first, then an empty
+        // mask, as a fresh process expects. Real-time signals too; the C library's own ones
+        // just refuse, which is fine.
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
             fail(ExecStage::SignalMask);
-        }
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
         }
         if libc::setsid() < 0 {
             fail(ExecStage::Setsid);
@@ -329,7 +344,7 @@ unsafe fn child_after_fork(
         let stdin_fd = match &spec.stdin {
             Some(fd) => fd.as_raw_fd(),
             None => {
-                let fd = libc::open(devnull.as_ptr(), libc::O_RDWR);
+                let fd = libc::open(devnull.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
                 if fd < 0 {
                     fail(ExecStage::Stdio);
                 }
@@ -349,6 +364,14 @@ unsafe fn child_after_fork(
         {
             fail(ExecStage::Stdio);
         }
+        // Nothing but 0, 1 and 2 crosses exec, even a descriptor someone forgot to mark
+        // close-on-exec (Linux 5.11+; older kernels keep relying on O_CLOEXEC everywhere).
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         if spec.controlling_tty {
             // Best effort: a shell without job control still works.
             libc::ioctl(0, libc::TIOCSCTTY, 1);
@@ -376,6 +399,47 @@ unsafe fn child_after_fork(
     }
 }
 
+fn unsafe_zeroed_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is a plain C struct for which all-zero bytes are a valid (empty) value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// How a reaped child ended, decoded from a raw wait status (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitResult {
+    Exited(i32),
+    /// Signal number (real-time ones included) and whether a core was dumped.
+    Signaled(i32, bool),
+}
+
+/// Decode a `waitpid` status word; None for stopped/continued reports.
+pub fn decode_wait_status(status: i32) -> Option<WaitResult> {
+    if libc::WIFEXITED(status) {
+        Some(WaitResult::Exited(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(WaitResult::Signaled(
+            libc::WTERMSIG(status),
+            libc::WCOREDUMP(status),
+        ))
+    } else {
+        None
+    }
+}
+
+/// `waitpid(-1, WNOHANG)`: Ok(None) when no child has ended, Err(ECHILD) when there are no
+/// children. Decodes the status itself so any signal number, real-time ones too, is reported
+/// (nix refuses those after the child is already reaped).
+pub fn reap_one() -> Result<Option<(i32, Option<WaitResult>)>, Errno> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes the status into our local integer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    match pid {
+        0 => Ok(None),
+        p if p > 0 => Ok(Some((p, decode_wait_status(status)))),
+        _ => Err(Errno::last()),
+    }
+}
+
 /// True when fd 0, 1 and 2 are open (the kernel opened /dev/console for us, or a parent did).
 pub fn stdio_open() -> bool {
     (0..3).all(|fd| {
@@ -383,4 +447,45 @@ pub fn stdio_open() -> bool {
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         flags >= 0
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_status_decoding_covers_realtime_signals_and_core() {
+        // Layout of the Linux wait status: exit code << 8; signal in the low 7 bits; 0x80 core.
+        assert_eq!(decode_wait_status(3 << 8), Some(WaitResult::Exited(3)));
+        assert_eq!(decode_wait_status(0), Some(WaitResult::Exited(0)));
+        assert_eq!(decode_wait_status(9), Some(WaitResult::Signaled(9, false)));
+        assert_eq!(
+            decode_wait_status(11 | 0x80),
+            Some(WaitResult::Signaled(11, true))
+        );
+        assert_eq!(
+            decode_wait_status(34),
+            Some(WaitResult::Signaled(34, false))
+        );
+        // Stopped (0x7f) is not an end.
+        assert_eq!(decode_wait_status((19 << 8) | 0x7f), None);
+    }
+
+    #[test]
+    fn realtime_signal_death_is_reaped_and_reported() {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "kill -34 $$"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let mut status = 0;
+        // Wait for exactly our child (other tests may have children too).
+        // SAFETY: waitpid writes into our local integer.
+        let got = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(got, pid);
+        assert_eq!(
+            decode_wait_status(status),
+            Some(WaitResult::Signaled(34, false))
+        );
+    }
 }
