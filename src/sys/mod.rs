@@ -472,6 +472,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::zombie_processes)] // reaped by the raw waitpid below
     fn realtime_signal_death_is_reaped_and_reported() {
         let child = std::process::Command::new("/bin/sh")
             .args(["-c", "kill -34 $$"])
