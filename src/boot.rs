@@ -173,6 +173,11 @@ pub fn mount_persistent(device: &str, fstype: &str, target: &Path, wait_ms: u64)
     if device.is_empty() {
         return false;
     }
+    if target.to_str().is_some_and(is_mounted) {
+        // Already there (a restarted tau-init): never stack a second mount.
+        log::info(&format!("{} is already mounted", target.display()));
+        return true;
+    }
     let _ = fs::create_dir_all(target);
     let dev = Path::new(device);
     // The driver probes during module load, so a disk that is there is already in sysfs; only

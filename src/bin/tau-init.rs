@@ -1,5 +1,6 @@
 //! tau-init: PID 1 of TauOS, or a subreaper supervisor with `--foreground`.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -47,13 +48,17 @@ struct Args {
     /// Internal: state file handed over by `taucli reexec`.
     #[arg(long, value_name = "FILE", hide = true)]
     resume: Option<PathBuf>,
+    /// Internal: set by `taucli reexec` when a kernel booted the previous instance.
+    #[arg(long, hide = true)]
+    booted: bool,
 }
 
 /// As PID 1 the kernel hands us the command-line words it did not understand (`single`,
 /// `quiet`, ...): keep only our own flags (and their values) so they still take effect.
-fn known_flags(argv: impl Iterator<Item = String>) -> Vec<String> {
+fn known_flags(argv: impl Iterator<Item = OsString>) -> Vec<OsString> {
     const WITH_VALUE: [&str; 4] = ["--config", "--units", "--run-dir", "--resume"];
-    const SWITCHES: [&str; 6] = [
+    const SWITCHES: [&str; 7] = [
+        "--booted",
         "--foreground",
         "--validate",
         "--safe-mode",
@@ -67,15 +72,16 @@ fn known_flags(argv: impl Iterator<Item = String>) -> Vec<String> {
         out.push(a0);
     }
     while let Some(a) = it.next() {
-        let name = a.split('=').next().unwrap_or_default();
+        // Words that are not UTF-8 are not ours (our flags are ASCII; values may be anything).
+        let text = a.to_string_lossy();
+        let name = text.split('=').next().unwrap_or_default();
         if WITH_VALUE.contains(&name) {
-            out.push(a.clone());
-            if !a.contains('=')
-                && let Some(v) = it.next()
-            {
+            let needs_value = !text.contains('=');
+            out.push(a);
+            if needs_value && let Some(v) = it.next() {
                 out.push(v);
             }
-        } else if SWITCHES.contains(&a.as_str()) {
+        } else if SWITCHES.contains(&text.as_ref()) {
             out.push(a);
         }
     }
@@ -122,7 +128,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
-        Err(_) => Args::try_parse_from(known_flags(std::env::args())).unwrap_or_default(),
+        Err(_) => Args::try_parse_from(known_flags(std::env::args_os())).unwrap_or_default(),
     };
     std::panic::set_hook(Box::new(|info| {
         let msg = format!("tau-init: internal error: {info}\n");
@@ -235,8 +241,14 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     let resumed = resume.is_some();
     let booted = match &resume {
         Some(r) => r.booted,
-        None => pid1 && boot::booted_by_kernel(),
+        None => args.booted || (pid1 && boot::booted_by_kernel()),
     };
+    if args.resume.is_some() && !resumed {
+        // The previous instance's units are still running but unknown to us: stop them before
+        // starting afresh, or every service would run twice.
+        log::error("reexec: stopping the previous instance's processes before starting afresh");
+        sys::stop_own_children(2000);
+    }
     if booted {
         if !resumed {
             boot::mount_api_filesystems();
@@ -245,8 +257,9 @@ fn run(args: Args, pid1: bool) -> ExitCode {
                 log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
             }
         }
-        cmdline =
-            config::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+        cmdline = config::parse_cmdline(&String::from_utf8_lossy(
+            &std::fs::read("/proc/cmdline").unwrap_or_default(),
+        ));
         CRASH.store(crash_code(cmdline.crash), Ordering::Relaxed);
         for w in &cmdline.warnings {
             log::warn(&format!("kernel command line: {w}"));
@@ -357,7 +370,7 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         persistent_mounted,
         units_dir,
         config_view,
-        argv: std::env::args().collect(),
+        argv: std::env::args_os().collect(),
         resume,
     };
     let mut rt = match Runtime::new(setup) {
@@ -432,7 +445,7 @@ mod tests {
             "--run-dir=/run/x",
             "-s",
         ];
-        let kept = known_flags(argv.iter().map(|s| s.to_string()));
+        let kept = known_flags(argv.iter().map(OsString::from));
         assert_eq!(
             kept,
             vec![

@@ -83,7 +83,7 @@ pub struct Setup {
     /// The effective config with the source of each value (`taucli config`).
     pub config_view: serde_json::Value,
     /// Arguments to exec again on `reexec`.
-    pub argv: Vec<String>,
+    pub argv: Vec<std::ffi::OsString>,
     /// State handed over by the previous instance (re-exec).
     pub resume: Option<ResumeState>,
 }

@@ -137,6 +137,16 @@ impl Runtime {
     pub(super) fn reexec(&mut self) {
         self.save_if_dirty();
         let path = self.setup.run_dir.join(RESUME_FILE);
+        // Everything that can fail is prepared before any descriptor is handed over.
+        let Some(exe) = own_binary() else {
+            log::error("reexec: cannot find our own binary; carrying on");
+            return;
+        };
+        let Some((exe_c, argv, env)) = exec_args(&exe, &self.setup.argv, &path, self.setup.booted)
+        else {
+            log::error("reexec: an argument or the environment contains a NUL byte; carrying on");
+            return;
+        };
         let mut state = self.resume_state();
         if let Some(c) = &self.control {
             match c.handover() {
@@ -164,44 +174,17 @@ impl Runtime {
             self.reexec_failed(&path);
             return;
         }
-        let Some(exe) = own_binary() else {
-            log::error("reexec: cannot find our own binary; carrying on");
-            self.reexec_failed(&path);
-            return;
-        };
-        let mut args: Vec<String> = Vec::new();
-        let mut it = self.setup.argv.iter().skip(1);
-        while let Some(a) = it.next() {
-            if a == "--resume" {
-                it.next();
-            } else {
-                args.push(a.clone());
-            }
-        }
-        args.push("--resume".into());
-        args.push(path.display().to_string());
         log::info(&format!(
             "reexec: executing {} with {} units",
             exe.display(),
             state.units.len()
         ));
-        let to_c = |s: &str| CString::new(s).ok();
-        let mut argv: Vec<CString> = vec![];
-        if let Some(a0) = self.setup.argv.first().and_then(|a| to_c(a)) {
-            argv.push(a0);
-        }
-        argv.extend(args.iter().filter_map(|a| to_c(a)));
-        if let Some(exe_c) = to_c(&exe.to_string_lossy()) {
-            // Other fds are close-on-exec; children stay our children.
-            let env: Vec<CString> = std::env::vars()
-                .filter_map(|(k, v)| to_c(&format!("{k}={v}")))
-                .collect();
-            let e = nix::unistd::execve(&exe_c, &argv, &env);
-            log::error(&format!(
-                "reexec: exec {}: {e:?}; carrying on",
-                exe.display()
-            ));
-        }
+        // Other fds are close-on-exec; children stay our children.
+        let e = nix::unistd::execve(&exe_c, &argv, &env);
+        log::error(&format!(
+            "reexec: exec {}: {e:?}; carrying on",
+            exe.display()
+        ));
         self.reexec_failed(&path);
     }
 
@@ -214,5 +197,83 @@ impl Runtime {
             n.restore();
         }
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The exec call's arguments: our binary, the original arguments without any old `--resume`,
+/// plus `--resume FILE` (and `--booted` when a kernel started us), and the environment. Works
+/// on raw bytes, so arguments that are not UTF-8 pass unchanged. None if any has a NUL byte.
+fn exec_args(
+    exe: &std::path::Path,
+    original: &[std::ffi::OsString],
+    resume_file: &std::path::Path,
+    booted: bool,
+) -> Option<(CString, Vec<CString>, Vec<CString>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| CString::new(b).ok();
+    let exe_c = c(exe.as_os_str().as_bytes())?;
+    let mut argv = vec![c(original
+        .first()
+        .map(|a| a.as_bytes())
+        .unwrap_or(exe.as_os_str().as_bytes()))?];
+    let mut it = original.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--resume" {
+            it.next();
+        } else if a != "--booted" {
+            argv.push(c(a.as_bytes())?);
+        }
+    }
+    if booted {
+        // Even if the state file cannot be read, the next instance knows the boot was ours.
+        argv.push(c(b"--booted")?);
+    }
+    argv.push(c(b"--resume")?);
+    argv.push(c(resume_file.as_os_str().as_bytes())?);
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.push(c(&kv)?);
+    }
+    Some((exe_c, argv, env))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn exec_args_replace_resume_and_keep_odd_bytes() {
+        let original = vec![
+            OsString::from("/init"),
+            OsString::from_vec(vec![0xff, b'x']),
+            OsString::from("--resume"),
+            OsString::from("/old"),
+            OsString::from("--run-dir=/run/t"),
+        ];
+        let (exe, argv, _env) = exec_args(
+            std::path::Path::new("/sbin/init"),
+            &original,
+            std::path::Path::new("/run/t/r.json"),
+            true,
+        )
+        .unwrap();
+        assert_eq!(exe.as_bytes(), b"/sbin/init");
+        let got: Vec<&[u8]> = argv.iter().map(|a| a.as_bytes()).collect();
+        assert_eq!(
+            got,
+            vec![
+                &b"/init"[..],
+                &[0xff, b'x'][..],
+                b"--run-dir=/run/t",
+                b"--booted",
+                b"--resume",
+                b"/run/t/r.json"
+            ]
+        );
     }
 }

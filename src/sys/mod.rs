@@ -128,6 +128,46 @@ pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
+/// Pids whose parent is `ppid`, from `/proc/<pid>/stat` texts (pure over a stat line).
+pub fn stat_ppid(stat: &str) -> Option<i32> {
+    // "pid (comm) state ppid ..." where comm may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Stop every child of this process (and its process group): SIGTERM, up to `grace_ms` of
+/// reaping, then SIGKILL. Used when a re-exec could not take over the previous instance's units.
+pub fn stop_own_children(grace_ms: u64) {
+    let me = std::process::id() as i32;
+    let children = || -> Vec<i32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| stat_ppid(&s))
+                    == Some(me)
+            })
+            .collect()
+    };
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        for pid in children() {
+            let _ = kill(-pid, sig);
+            let _ = kill(pid, sig);
+        }
+        let deadline = monotonic_ms() + grace_ms;
+        while monotonic_ms() < deadline {
+            while let Ok(Some(_)) = reap_one() {}
+            if children().is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Block forever (crash action `freeze`, or after a failed reboot(2)).
 pub fn freeze() -> ! {
     loop {
@@ -452,6 +492,14 @@ pub fn stdio_open() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ppid_from_stat_with_odd_command_names() {
+        assert_eq!(stat_ppid("42 (sleep) S 7 42 42 0 -1"), Some(7));
+        assert_eq!(stat_ppid("42 (a) b) (c) R 9 1 1"), Some(9));
+        assert_eq!(stat_ppid("garbage"), None);
+        assert_eq!(stat_ppid(""), None);
+    }
 
     #[test]
     fn wait_status_decoding_covers_realtime_signals_and_core() {
