@@ -186,7 +186,7 @@ pub fn mount_persistent(device: &str, fstype: &str, target: &Path, wait_ms: u64)
         .file_name()
         .is_some_and(|n| Path::new("/sys/class/block").join(n).exists());
     let wait_ms = if in_sysfs { wait_ms } else { wait_ms.min(200) };
-    let deadline = crate::sys::monotonic_ms() + wait_ms;
+    let deadline = crate::sys::monotonic_ms().saturating_add(wait_ms);
     while !dev.exists() && crate::sys::monotonic_ms() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

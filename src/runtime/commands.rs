@@ -212,7 +212,7 @@ impl Runtime {
                     log::warn("control: cannot wait for a slow reader; reply dropped");
                     return;
                 }
-                p.deadline = crate::sys::monotonic_ms() + REPLY_TIMEOUT_MS;
+                p.deadline = crate::sys::monotonic_ms().saturating_add(REPLY_TIMEOUT_MS);
                 self.timers.set(Key::Reply(id), p.deadline);
                 self.replies.insert(id, p);
             }
@@ -297,7 +297,7 @@ impl Runtime {
                 }
                 self.timers.set(
                     Key::RemovedKill(pid),
-                    crate::sys::monotonic_ms() + r.stop_timeout_ms,
+                    crate::sys::monotonic_ms().saturating_add(r.stop_timeout_ms),
                 );
             }
         }

@@ -695,7 +695,7 @@ impl Runtime {
         self.shutdown = Some((kind, Final::Term));
         let t = self.setup.config.system.shutdown_kill_timeout_ms;
         self.timers
-            .set(Key::FinalKill, crate::sys::monotonic_ms() + t);
+            .set(Key::FinalKill, crate::sys::monotonic_ms().saturating_add(t));
         self.reap();
     }
 
@@ -704,8 +704,10 @@ impl Runtime {
             log::info("shutdown: sending SIGKILL to all remaining processes");
             let _ = crate::sys::kill(-1, libc::SIGKILL);
             self.shutdown = Some((kind, Final::Kill));
-            self.timers
-                .set(Key::FinalDeadline, crate::sys::monotonic_ms() + 2000);
+            self.timers.set(
+                Key::FinalDeadline,
+                crate::sys::monotonic_ms().saturating_add(2000),
+            );
             self.reap();
         }
     }

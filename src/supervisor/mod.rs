@@ -461,7 +461,7 @@ impl Supervisor {
                     out.push(Action::SetTimer {
                         unit: i,
                         kind: TimerKind::ReadyTimeout,
-                        at: now.mono + u.ready_timeout_ms,
+                        at: now.mono.saturating_add(u.ready_timeout_ms),
                     });
                 } else {
                     self.became_running(i, now, &mut out);
@@ -596,7 +596,7 @@ impl Supervisor {
         out.push(Action::SetTimer {
             unit: i,
             kind: TimerKind::Stable,
-            at: now.mono + reset,
+            at: now.mono.saturating_add(reset),
         });
         self.kick(now, out);
     }
@@ -631,7 +631,7 @@ impl Supervisor {
                 out.push(Action::SetTimer {
                     unit: i,
                     kind: TimerKind::StopTimeout,
-                    at: now.mono + u.stop_timeout_ms,
+                    at: now.mono.saturating_add(u.stop_timeout_ms),
                 });
                 self.set_phase(i, Phase::Stopping, now);
             }
@@ -798,12 +798,12 @@ impl Supervisor {
                         rec.max_attempts
                     ),
                 ));
-                self.states[i].restart_at = Some(now.mono + ms);
+                self.states[i].restart_at = Some(now.mono.saturating_add(ms));
                 self.set_phase(i, Phase::Backoff, now);
                 out.push(Action::SetTimer {
                     unit: i,
                     kind: TimerKind::Restart,
-                    at: now.mono + ms,
+                    at: now.mono.saturating_add(ms),
                 });
             }
             Decision::Exhausted if critical && self.mode == Mode::Normal => {

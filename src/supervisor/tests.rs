@@ -1274,3 +1274,17 @@ fn reload_keeps_unchanged_state_and_reports_changes() {
     assert_eq!(plan.remap[h.id("keep")], Some(k));
     assert_eq!(plan.remap[h.id("gone")], None);
 }
+
+#[test]
+fn huge_timeouts_saturate_instead_of_wrapping() {
+    // reset_after_ms = u64::MAX (e.g. from an absurd recovery_timeout_seconds) must not wrap
+    // into "stable at once": attempts keep counting and max_attempts still ends the loop.
+    let mut h = h(vec![unit("a").reset_after(u64::MAX).max_attempts(2)]);
+    h.boot();
+    for t in [10, 20, 30] {
+        h.advance_to(t);
+        h.fail("a");
+    }
+    assert_eq!(h.phase("a"), Phase::Failed);
+    assert_eq!(h.spawn_times("a").len(), 3);
+}

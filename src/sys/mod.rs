@@ -157,7 +157,7 @@ pub fn stop_own_children(grace_ms: u64) {
             let _ = kill(-pid, sig);
             let _ = kill(pid, sig);
         }
-        let deadline = monotonic_ms() + grace_ms;
+        let deadline = monotonic_ms().saturating_add(grace_ms);
         while monotonic_ms() < deadline {
             while let Ok(Some(_)) = reap_one() {}
             if children().is_empty() {
