@@ -436,11 +436,12 @@ impl Runtime {
 
     fn child_exited(&mut self, pid: i32, exit: ExitInfo) {
         match self.pids.remove(&pid) {
-            Some(unit) => {
+            // Only the unit's current main process speaks for it (not one it abandoned).
+            Some(unit) if self.sup.states[unit].pid == Some(pid) => {
                 self.cleanup_unit_processes(unit, pid);
                 self.dispatch(Event::Exited { unit, exit });
             }
-            None => {
+            _ => {
                 // A process of a unit removed by reload: its SIGKILL timer is moot now.
                 self.timers.cancel(Key::RemovedKill(pid));
                 self.orphans_reaped += 1;
@@ -520,6 +521,16 @@ impl Runtime {
         while let Some(a) = queue.pop_front() {
             match a {
                 Action::Spawn(i) => {
+                    // An earlier action of this batch may have stopped the unit meanwhile (e.g.
+                    // safe mode): a spawn asked for before that is void.
+                    let st = &self.sup.states[i];
+                    if st.phase != crate::supervisor::Phase::Starting || st.pid.is_some() {
+                        log::debug(&format!(
+                            "{}: spawn no longer wanted",
+                            self.sup.units[i].name
+                        ));
+                        continue;
+                    }
                     let ev = self.spawn_unit(i);
                     queue.extend(self.sup.handle(ev, now()));
                 }

@@ -18,6 +18,9 @@ use restart::Decision;
 /// Milliseconds of the monotonic clock.
 pub type Ms = u64;
 
+/// How long a unit may outlive its SIGKILL before tau-init stops waiting for it.
+pub const KILL_GRACE_MS: u64 = 5000;
+
 /// Most crash records kept in memory and on disk.
 pub const CRASH_HISTORY: usize = 256;
 
@@ -128,6 +131,9 @@ pub struct UnitState {
     /// Admin stop: signal once every unit that requires this one is down.
     #[serde(default)]
     pub stop_queued: bool,
+    /// SIGKILL was sent after the stop timeout.
+    #[serde(default)]
+    pub sigkill_sent: bool,
 }
 
 impl UnitState {
@@ -146,6 +152,7 @@ impl UnitState {
             ready_timed_out: false,
             reason: None,
             stop_queued: false,
+            sigkill_sent: false,
         }
     }
 
@@ -448,6 +455,27 @@ impl Supervisor {
                     return self.handle(Event::Start(i), now);
                 }
             }
+            Event::Spawned { unit: i, pid } if self.states[i].phase != Phase::Starting => {
+                // Not wanted any more (stopped while the spawn was pending): end it at once.
+                let (name, timeout) = (self.units[i].name.clone(), self.units[i].stop_timeout_ms);
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!("{name}: started after it was stopped; killing pid {pid}"),
+                ));
+                self.states[i].pid = Some(pid);
+                self.states[i].started_at = now.mono;
+                self.set_phase(i, Phase::Stopping, now);
+                out.push(Action::Kill {
+                    unit: i,
+                    pid,
+                    signal: libc::SIGKILL,
+                });
+                out.push(Action::SetTimer {
+                    unit: i,
+                    kind: TimerKind::StopTimeout,
+                    at: now.mono.saturating_add(timeout),
+                });
+            }
             Event::Spawned { unit: i, pid } => {
                 self.states[i].pid = Some(pid);
                 self.states[i].started_at = now.mono;
@@ -691,6 +719,7 @@ impl Supervisor {
     fn exited(&mut self, i: usize, exit: ExitInfo, now: Now, out: &mut Vec<Action>) {
         let phase = self.states[i].phase;
         self.states[i].pid = None;
+        self.states[i].sigkill_sent = false;
         self.states[i].last_exit = Some(exit);
         out.push(Action::CancelTimer {
             unit: i,
@@ -908,6 +937,24 @@ impl Supervisor {
                 self.set_phase(i, Phase::Stopped, now);
                 self.kick(now, out);
             }
+            TimerKind::StopTimeout if s.phase == Phase::Stopping && s.sigkill_sent => {
+                // SIGKILL did not end it (uninterruptible sleep in the kernel): stop waiting, so a
+                // shutdown still completes. Its exit, if it ever comes, is reaped as an orphan.
+                let name = self.units[i].name.clone();
+                out.push(Action::Log(
+                    Level::Error,
+                    format!("{name}: still alive {KILL_GRACE_MS} ms after SIGKILL; abandoning it"),
+                ));
+                let st = &mut self.states[i];
+                st.pid = None;
+                st.sigkill_sent = false;
+                self.set_phase(i, Phase::Stopped, now);
+                if self.shutting_down {
+                    self.advance_shutdown(now, out);
+                } else {
+                    self.kick(now, out);
+                }
+            }
             TimerKind::StopTimeout if s.phase == Phase::Stopping => {
                 if let Some(pid) = s.pid {
                     out.push(Action::Log(
@@ -921,6 +968,12 @@ impl Supervisor {
                         unit: i,
                         pid,
                         signal: libc::SIGKILL,
+                    });
+                    self.states[i].sigkill_sent = true;
+                    out.push(Action::SetTimer {
+                        unit: i,
+                        kind: TimerKind::StopTimeout,
+                        at: now.mono.saturating_add(KILL_GRACE_MS),
                     });
                 }
             }

@@ -1288,3 +1288,37 @@ fn huge_timeouts_saturate_instead_of_wrapping() {
     assert_eq!(h.phase("a"), Phase::Failed);
     assert_eq!(h.spawn_times("a").len(), 3);
 }
+
+#[test]
+fn spawned_for_a_unit_no_longer_starting_is_killed_not_run() {
+    let mut h = h(vec![unit("a")]);
+    h.boot();
+    let a = h.id("a");
+    h.advance_to(10);
+    h.feed(Event::Stop(a));
+    h.exit("a");
+    assert_eq!(h.phase("a"), Phase::Stopped);
+    // A late Spawned (a spawn queued before the stop) must not make it running.
+    h.feed(Event::Spawned { unit: a, pid: 4242 });
+    assert_eq!(h.phase("a"), Phase::Stopping);
+    assert_eq!(h.kills.last().map(|k| (k.unit, k.signal)), Some((a, KILL)));
+    assert_eq!(h.st("a").pid, Some(4242));
+    h.exit("a");
+    assert_eq!(h.phase("a"), Phase::Stopped);
+}
+
+#[test]
+fn a_unit_that_survives_sigkill_is_abandoned_so_shutdown_completes() {
+    let mut h = h(vec![unit("stuck").stop(TERM, 100), unit("other")]);
+    h.boot();
+    h.advance_to(10);
+    h.feed(Event::Shutdown);
+    h.exit("other");
+    h.advance_to(110); // stop timeout: SIGKILL
+    assert_eq!(h.kills_of("stuck"), vec![(TERM, 10), (KILL, 110)]);
+    assert_eq!(h.units_down, 0);
+    h.advance_to(110 + KILL_GRACE_MS); // still there: abandoned
+    assert_eq!(h.phase("stuck"), Phase::Stopped);
+    assert_eq!(h.st("stuck").pid, None);
+    assert_eq!(h.units_down, 1);
+}
