@@ -1,7 +1,7 @@
 //! tau-init: PID 1 of TauOS, or a subreaper supervisor with `--foreground`.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -340,8 +340,8 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     for d in &diags {
         log::error(&format!("unit: {d}"));
     }
-    if booted && !units.iter().any(|u| u.safe_mode_only && u.console) {
-        units.push(builtin_shell());
+    if booted {
+        tau_init::runtime::add_builtin_shell(&mut units);
     }
     let run_dir = args
         .run_dir
@@ -392,47 +392,10 @@ fn run(args: Args, pid1: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The emergency shell added in PID 1 when no unit provides a safe-mode console shell.
-fn builtin_shell() -> config::Unit {
-    use config::model::{Priority, Ready, Recovery, Strategy};
-    config::Unit {
-        name: "emergency-shell".into(),
-        path: Path::new("<built-in>").to_path_buf(),
-        description: "root shell on the console in safe mode".into(),
-        exec: vec!["/bin/sh".into()],
-        env: Default::default(),
-        working_dir: Some(PathBuf::from("/")),
-        uid: None,
-        gid: None,
-        priority: Priority::Critical,
-        critical: false,
-        after: vec![],
-        requires: vec![],
-        safe_mode: true,
-        safe_mode_only: true,
-        enabled: true,
-        stop_signal: libc::SIGHUP,
-        stop_timeout_ms: 2000,
-        ready: Ready::None,
-        ready_timeout_ms: 0,
-        console: true,
-        memory_limit_mb: 0,
-        cpu_limit_percent: 0.0,
-        recovery: Recovery {
-            strategy: Strategy::RestartWithDelay,
-            delay_ms: 1000,
-            backoff_initial_ms: 0,
-            backoff_max_ms: 0,
-            backoff_factor: 1.0,
-            max_attempts: 3,
-            reset_after_ms: 60_000,
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn kernel_leftovers_are_dropped_and_our_flags_kept() {

@@ -21,6 +21,9 @@ pub enum After {
     Reexec,
 }
 
+/// Rejected requests logged one by one per wake-up; the rest are counted in one line.
+const MAX_REJECT_LOGS: usize = 8;
+
 /// Most log records one `logs` request returns.
 const MAX_LOG_RECORDS: usize = 1000;
 
@@ -31,16 +34,31 @@ impl Runtime {
         };
         let (items, more) = server.receive();
         self.control_backlog = more;
+        // A flood of bad requests must not become a flood of console lines.
+        let mut rejected = 0usize;
         for item in items {
             match item {
                 Received::Request(inc) => self.command(inc),
                 Received::Rejected { reason, reply } => {
-                    log::warn(&format!("control: rejected request: {reason}"));
+                    rejected += 1;
+                    // Every one is kept in the log ring; only the first few reach the console.
+                    let level = if rejected <= MAX_REJECT_LOGS {
+                        log::Level::Warn
+                    } else {
+                        log::Level::Debug
+                    };
+                    log::log(level, None, &format!("control: rejected request: {reason}"));
                     if let Some(f) = reply {
                         self.send(f, &Reply::err(reason));
                     }
                 }
             }
+        }
+        if rejected > MAX_REJECT_LOGS {
+            log::warn(&format!(
+                "control: {} more requests rejected (see taucli logs)",
+                rejected - MAX_REJECT_LOGS
+            ));
         }
     }
 
@@ -164,23 +182,35 @@ impl Runtime {
             "args": req.args,
             "result": match result { Ok(_) => "ok".to_string(), Err(e) => format!("error: {e}") },
         });
-        log::info(&format!(
-            "audit: uid {uid} {} {} -> {}",
-            req.cmd,
-            req.args.join(" "),
-            line["result"].as_str().unwrap_or("")
-        ));
+        let level = if result.is_ok() {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log(
+            level,
+            None,
+            &format!(
+                "audit: uid {uid} {} {} -> {}",
+                req.cmd,
+                req.args.join(" "),
+                line["result"].as_str().unwrap_or("")
+            ),
+        );
         let path = &self.audit_log;
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
+        // What was done is made durable; a denied attempt is written but not fsynced, so a
+        // flood of them cannot stall the loop on the disk.
+        let executed = result.is_ok();
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .and_then(|mut f| {
                 f.write_all(format!("{line}\n").as_bytes())?;
-                f.sync_data()
+                if executed { f.sync_data() } else { Ok(()) }
             });
         if let Err(e) = written {
             log::warn(&format!("audit log {}: {e}", path.display()));
@@ -262,7 +292,11 @@ impl Runtime {
         if self.shutdown.is_some() {
             return Err("shutting down".into());
         }
-        let (units, diags) = crate::config::load_units(&self.setup.units_dir, &self.setup.config);
+        let (mut units, diags) =
+            crate::config::load_units(&self.setup.units_dir, &self.setup.config);
+        if self.setup.booted {
+            super::add_builtin_shell(&mut units);
+        }
         if !diags.is_empty() {
             let list: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
             return Err(format!(

@@ -128,6 +128,61 @@ pub struct Runtime {
     resumed: bool,
 }
 
+/// The emergency shell added in PID 1 when no unit provides a safe-mode console shell.
+pub fn builtin_shell() -> Unit {
+    use crate::config::model::{Priority, Ready, Recovery, Strategy};
+    Unit {
+        name: "emergency-shell".into(),
+        path: PathBuf::from("<built-in>"),
+        description: "root shell on the console in safe mode".into(),
+        exec: vec!["/bin/sh".into()],
+        env: Default::default(),
+        working_dir: Some(PathBuf::from("/")),
+        uid: None,
+        gid: None,
+        priority: Priority::Critical,
+        critical: false,
+        after: vec![],
+        requires: vec![],
+        safe_mode: true,
+        safe_mode_only: true,
+        enabled: true,
+        stop_signal: libc::SIGHUP,
+        stop_timeout_ms: 2000,
+        ready: Ready::None,
+        ready_timeout_ms: 0,
+        console: true,
+        memory_limit_mb: 0,
+        cpu_limit_percent: 0.0,
+        recovery: Recovery {
+            strategy: Strategy::RestartWithDelay,
+            delay_ms: 1000,
+            backoff_initial_ms: 0,
+            backoff_max_ms: 0,
+            backoff_factor: 1.0,
+            max_attempts: 3,
+            reset_after_ms: 60_000,
+        },
+    }
+}
+
+/// Add the built-in emergency shell unless a unit already gives safe mode a console shell (or
+/// uses its name). Boot, reload and re-exec all build the unit set through this.
+pub fn add_builtin_shell(units: &mut Vec<Unit>) {
+    let shell = builtin_shell();
+    if units.iter().any(|u| u.safe_mode_only && u.console) {
+        return;
+    }
+    if units.iter().any(|u| u.name == shell.name) {
+        log::warn(&format!(
+            "unit {} is not a safe-mode console shell; safe mode has no shell",
+            shell.name
+        ));
+        return;
+    }
+    units.push(shell);
+}
+
 fn now() -> Now {
     Now {
         mono: crate::sys::monotonic_ms(),
@@ -300,6 +355,8 @@ impl Runtime {
                 "resumed after re-exec with {} units",
                 self.sup.units.len()
             ));
+            // Units that died while we were exec'ing: their SIGCHLD went to the old image.
+            self.reap();
             let actions = self.sup.kick_now(now());
             self.carry_out(actions);
         } else {
@@ -442,7 +499,11 @@ impl Runtime {
                 self.dispatch(Event::Exited { unit, exit });
             }
             _ => {
-                // A process of a unit removed by reload: its SIGKILL timer is moot now.
+                // A unit removed by reload: clean up after it as after any unit, and its SIGKILL
+                // timer is moot now.
+                if self.timers.get(Key::RemovedKill(pid)).is_some() {
+                    let _ = crate::sys::kill(-pid, libc::SIGKILL);
+                }
                 self.timers.cancel(Key::RemovedKill(pid));
                 self.orphans_reaped += 1;
                 if self.setup.config.process_management.auto_cleanup_zombies {

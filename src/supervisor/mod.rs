@@ -433,6 +433,18 @@ impl Supervisor {
                 self.stop_with_requirers(i, now, &mut out);
                 self.kick(now, &mut out);
             }
+            Event::Restart(i) if !self.allowed(i) => {
+                // e.g. a reload changed a running unit so it no longer belongs in this mode.
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!(
+                        "{}: not allowed in {} mode; stopping instead of restarting",
+                        self.units[i].name,
+                        self.mode_str()
+                    ),
+                ));
+                self.stop_with_requirers(i, now, &mut out);
+            }
             Event::Restart(i) => {
                 let s = &mut self.states[i];
                 s.attempts = 0;

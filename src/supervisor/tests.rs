@@ -1322,3 +1322,25 @@ fn a_unit_that_survives_sigkill_is_abandoned_so_shutdown_completes() {
     assert_eq!(h.st("stuck").pid, None);
     assert_eq!(h.units_down, 1);
 }
+
+#[test]
+fn restart_of_a_unit_not_allowed_in_this_mode_stops_it() {
+    // In safe mode a reload drops `safe_mode` from a running unit; the restart the reload asks
+    // for must stop it, not bring it back.
+    let mut h = h(vec![unit("a").safe_mode()]);
+    h.boot();
+    h.advance_to(10);
+    h.feed(Event::EnterSafeMode {
+        reason: "test".into(),
+    });
+    assert_eq!(h.phase("a"), Phase::Running);
+    let (next, plan) = h.sup.reloaded(vec![unit("a").0]);
+    h.sup = next;
+    assert_eq!(plan.changed.len(), 1);
+    let a = h.id("a");
+    h.feed(Event::Restart(a));
+    assert_eq!(h.phase("a"), Phase::Stopping);
+    h.exit("a");
+    assert_eq!(h.phase("a"), Phase::Stopped);
+    assert_eq!(h.spawn_times("a").len(), 1);
+}
