@@ -33,6 +33,10 @@ struct Logger {
     dropped: u64,
     counts: [u64; 4],
     seq: u64,
+    /// PID 1's own non-blocking handle on the console (None: write to stderr).
+    console: Option<std::fs::File>,
+    /// Console lines lost because the console could not take them (flow control, slow line).
+    console_dropped: u64,
 }
 
 static LOGGER: Mutex<Logger> = Mutex::new(Logger {
@@ -41,6 +45,8 @@ static LOGGER: Mutex<Logger> = Mutex::new(Logger {
     dropped: 0,
     counts: [0; 4],
     seq: 0,
+    console: None,
+    console_dropped: 0,
 });
 
 fn with<R>(f: impl FnOnce(&mut Logger) -> R) -> R {
@@ -103,9 +109,38 @@ pub fn log(level: Level, unit: Option<&str>, message: &str) {
             level_str(level),
             message
         );
-        // A console that fails must not stop PID 1.
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        with(|g| match &mut g.console {
+            // Never wait for the console: a line it cannot take now is counted and dropped.
+            Some(c) => {
+                if !matches!(c.write(line.as_bytes()), Ok(n) if n == line.len()) {
+                    g.console_dropped += 1;
+                }
+            }
+            // A console that fails must not stop PID 1.
+            None => {
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+        });
     }
+}
+
+/// As PID 1 on a real console: log through a handle of our own opened non-blocking, so a
+/// console held by flow control (Ctrl-S) or a slow serial line can never stall the loop. Units
+/// keep the kernel's blocking console on their stdout and stderr.
+pub fn use_nonblocking_console() {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open("/dev/console")
+    {
+        with(|g| g.console = Some(f));
+    }
+}
+
+/// Console lines dropped because the console was not ready.
+pub fn console_dropped() -> u64 {
+    with(|g| g.console_dropped)
 }
 
 /// The newest `n` records after sequence number `since`, optionally only about `unit`, oldest

@@ -253,6 +253,9 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         if !resumed {
             boot::mount_api_filesystems();
             boot::ensure_console();
+        }
+        log::use_nonblocking_console();
+        if !resumed {
             if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
                 log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
             }

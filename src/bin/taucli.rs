@@ -431,7 +431,15 @@ fn render(cmd: &str, d: &Value) -> String {
         "logs" => {
             if let Some(st) = d.get("stats") {
                 let rows = [
-                    "error", "warn", "info", "debug", "kept", "dropped", "capacity", "last_seq",
+                    "error",
+                    "warn",
+                    "info",
+                    "debug",
+                    "kept",
+                    "dropped",
+                    "capacity",
+                    "last_seq",
+                    "console_dropped",
                 ]
                 .iter()
                 .map(|k| vec![k.to_string(), s(&st[*k])])

@@ -159,6 +159,7 @@ impl Runtime {
                 "stats": {
                     "error": counts[0], "warn": counts[1], "info": counts[2], "debug": counts[3],
                     "kept": kept, "dropped": dropped, "capacity": log::RING, "last_seq": last_seq,
+                    "console_dropped": log::console_dropped(),
                 }
             });
         }
