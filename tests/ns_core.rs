@@ -1095,3 +1095,31 @@ fn bad_usage_and_not_pid1_exit_2() {
         "{out:?}"
     );
 }
+
+/// A unit killed by a real-time signal (34) is a crash like any other: restarted, counted, and
+/// given up on (nix's waitpid cannot name such signals; tau-init decodes the status itself).
+#[test]
+fn death_by_realtime_signal_is_a_crash() {
+    let _g = ns_test_guard!("death_by_realtime_signal_is_a_crash");
+    let dir = TestDir::new("rtsig");
+    dir.config("info", 1000);
+    dir.unit(
+        "rt",
+        r#"exec = ["/bin/sh", "-c", "sleep 0.1; kill -34 $$"]
+[recovery]
+strategy = "restart_with_delay"
+delay_ms = 100
+max_attempts = 2
+"#,
+    );
+    let mut ns = Ns::start(&dir);
+    ns.expect_log(
+        "rt: crashed (signal:34), restarting in 100 ms (attempt 1/2)",
+        Duration::from_secs(10),
+    );
+    ns.expect_log(
+        "ALERT: rt: crashed 3 times (signal:34), giving up",
+        Duration::from_secs(10),
+    );
+    ns.shutdown_clean();
+}
