@@ -255,10 +255,8 @@ fn run(args: Args, pid1: bool) -> ExitCode {
             boot::ensure_console();
         }
         log::use_nonblocking_console();
-        if !resumed {
-            if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
-                log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
-            }
+        if !resumed && let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+            log::debug(&format!("disable ctrl-alt-del: {}", e.desc()));
         }
         cmdline = config::parse_cmdline(&String::from_utf8_lossy(
             &std::fs::read("/proc/cmdline").unwrap_or_default(),
