@@ -33,6 +33,9 @@ pub struct ResumeState {
     /// The notify socket, kept open across exec.
     #[serde(default)]
     pub notify_fd: Option<i32>,
+    /// Processes of units removed by reload, with their SIGKILL deadline.
+    #[serde(default)]
+    pub removed_kills: Vec<(i32, u64)>,
 }
 
 impl ResumeState {
@@ -93,6 +96,15 @@ impl Runtime {
             control_fd: None,
             control_pending: Vec::new(),
             notify_fd: None,
+            removed_kills: self
+                .timers
+                .entries()
+                .into_iter()
+                .filter_map(|(k, at)| match k {
+                    Key::RemovedKill(pid) => Some((pid, at)),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 
@@ -128,6 +140,9 @@ impl Runtime {
             if let Some(i) = self.sup.find(&name) {
                 self.timers.set(Key::Unit(i, kind), at);
             }
+        }
+        for (pid, at) in r.removed_kills {
+            self.timers.set(Key::RemovedKill(pid), at);
         }
     }
 
@@ -245,6 +260,34 @@ mod tests {
     use super::*;
     use std::ffi::OsString;
     use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn resume_state_round_trips_and_reads_older_files() {
+        let st = ResumeState {
+            version: 1,
+            mode: Mode::Safe,
+            units: vec![],
+            crashes: vec![],
+            timers: vec![("a".into(), TimerKind::Restart, 1234)],
+            booted: true,
+            persistent_mounted: true,
+            orphans_reaped: 7,
+            control_fd: Some(9),
+            control_pending: b"TAU/1 {".to_vec(),
+            notify_fd: Some(8),
+            removed_kills: vec![(4242, 99)],
+        };
+        let back: ResumeState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(back, st);
+        // A file written before the descriptor hand-over existed still resumes.
+        let old = r#"{"version":1,"mode":"normal","units":[],"crashes":[],"timers":[],
+            "booted":false,"persistent_mounted":false,"orphans_reaped":0}"#;
+        let o: ResumeState = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (o.control_fd, o.notify_fd, o.removed_kills.len()),
+            (None, None, 0)
+        );
+    }
 
     #[test]
     fn exec_args_replace_resume_and_keep_odd_bytes() {
