@@ -1,7 +1,6 @@
 //! What PID 1 does before the loop: the API filesystems, the console, kernel modules, the
 //! persistent disk, and the final power-off. Each step logs and carries on when it fails.
 
-use std::ffi::CString;
 use std::fs;
 use std::path::Path;
 
@@ -262,11 +261,6 @@ pub fn unmount_persistent(target: &Path) {
             }
         }
     }
-}
-
-/// Exec a program path as a C string (for messages); `None` if it has a NUL.
-pub fn cstring(s: &str) -> Option<CString> {
-    CString::new(s).ok()
 }
 
 #[cfg(test)]

@@ -534,6 +534,8 @@ fn every_command_text_and_json_then_poweroff() {
     let st = ns.json(&["status"]);
     assert_eq!(st["mode"], "normal");
     assert_eq!(st["shutting_down"], false);
+    assert!(st["orphans_reaped"].is_u64(), "{st}");
+    assert_eq!(st["handler_panics"], 0, "{st}");
     let units = st["units"].as_array().unwrap().clone();
     check_status_rows(&units);
     let mut got = names(&units);

@@ -25,8 +25,6 @@ pub struct ControlServer {
     pub path: PathBuf,
     pub reply_dir: PathBuf,
     lines: LineBuffer,
-    /// Requests rejected before they reached a command (malformed, oversized, ...).
-    pub rejected: u64,
 }
 
 /// A request with the identity of its caller (owner of the reply FIFO).
@@ -100,7 +98,6 @@ impl ControlServer {
                     path,
                     reply_dir,
                     lines: LineBuffer::with_pending(pending),
-                    rejected: 0,
                 });
             }
         }
@@ -115,7 +112,6 @@ impl ControlServer {
             path,
             reply_dir,
             lines: LineBuffer::default(),
-            rejected: 0,
         })
     }
 
@@ -153,7 +149,6 @@ impl ControlServer {
                     for line in self.lines.push(&buf[..n]) {
                         match line {
                             Line::Oversized => {
-                                self.rejected += 1;
                                 out.push(Received::Rejected {
                                     reason: "request too long".into(),
                                     reply: None,
@@ -174,16 +169,12 @@ impl ControlServer {
         match parse_line(line) {
             Ok(req) => match self.open_reply(&req.reply) {
                 Ok((reply, uid)) => Received::Request(Incoming { req, uid, reply }),
-                Err(reason) => {
-                    self.rejected += 1;
-                    Received::Rejected {
-                        reason: format!("reply FIFO {}: {reason}", req.reply),
-                        reply: None,
-                    }
-                }
+                Err(reason) => Received::Rejected {
+                    reason: format!("reply FIFO {}: {reason}", req.reply),
+                    reply: None,
+                },
             },
             Err(Rejected { reply, reason }) => {
-                self.rejected += 1;
                 let reply = reply.and_then(|p| self.open_reply(&p).ok()).map(|(f, _)| f);
                 Received::Rejected { reason, reply }
             }

@@ -97,7 +97,12 @@ impl Runtime {
         let flag_bool = |k: &str| req.flags.get(k).and_then(Value::as_bool).unwrap_or(false);
         let t = now();
         match req.cmd.as_str() {
-            "status" => view::status_data(&self.sup, t.mono, req.args.first().map(String::as_str)),
+            "status" => view::status_data(&self.sup, t.mono, req.args.first().map(String::as_str))
+                .map(|mut v| {
+                    v["orphans_reaped"] = json!(self.orphans_reaped);
+                    v["handler_panics"] = json!(self.handler_panics);
+                    v
+                }),
             "processes" => Ok(view::processes(
                 &self.sup,
                 t.mono,

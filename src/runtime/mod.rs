@@ -69,6 +69,7 @@ impl Shutdown {
 #[derive(Debug, Clone)]
 pub struct Setup {
     pub config: Config,
+    /// The units to supervise (moved into the supervisor by [`Runtime::new`]).
     pub units: Vec<Unit>,
     pub run_dir: PathBuf,
     pub pid1: bool,
@@ -192,7 +193,9 @@ fn now() -> Now {
 
 impl Runtime {
     /// Set up signals, the notify socket, cgroups and durable state.
-    pub fn new(setup: Setup) -> std::io::Result<Self> {
+    pub fn new(mut setup: Setup) -> std::io::Result<Self> {
+        // The supervisor owns the units from here on.
+        let units = std::mem::take(&mut setup.units);
         let cfg = &setup.config;
         let max = if cfg.process_management.enabled {
             cfg.process_management.max_concurrent_processes as usize
@@ -200,7 +203,7 @@ impl Runtime {
             usize::MAX
         };
         let mut sup = Supervisor::new(
-            setup.units.clone(),
+            units,
             cfg.crash_recovery.enabled && cfg.crash_recovery.auto_recovery,
             max,
         );
@@ -823,16 +826,6 @@ impl Runtime {
     pub fn save_now(&mut self) {
         self.dirty = true;
         self.save_if_dirty();
-    }
-
-    /// Pids of running unit main processes.
-    pub fn unit_pids(&self) -> &HashMap<i32, usize> {
-        &self.pids
-    }
-
-    /// Path of the run directory.
-    pub fn run_dir(&self) -> &Path {
-        &self.setup.run_dir
     }
 }
 

@@ -274,8 +274,6 @@ pub struct Supervisor {
     /// Indices of after ∪ requires.
     deps: Vec<Vec<usize>>,
     requires: Vec<Vec<usize>>,
-    /// Units that list this one in after/requires.
-    dependents: Vec<Vec<usize>>,
     start_order: Vec<usize>,
     /// Units that must be down before this one is stopped at shutdown.
     stop_wait: Vec<Vec<usize>>,
@@ -344,7 +342,6 @@ impl Supervisor {
             index,
             deps,
             requires,
-            dependents,
             start_order,
             stop_wait,
             down_reported: false,
@@ -1061,11 +1058,6 @@ impl Supervisor {
             ));
             out.push(Action::UnitsDown);
         }
-    }
-
-    /// Units that list `i` in after/requires.
-    pub fn dependents(&self, i: usize) -> &[usize] {
-        &self.dependents[i]
     }
     /// Replace the unit set (reload). Returns the new supervisor and what changed. Unchanged
     /// units keep their state untouched; changed ones keep their state and counters under the
