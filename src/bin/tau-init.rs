@@ -337,12 +337,9 @@ fn run(args: Args, pid1: bool) -> ExitCode {
         .clone()
         .or(cmdline.units.clone())
         .unwrap_or_else(|| cfg.system.units_dir.clone());
-    let (mut units, diags) = config::load_units(&units_dir, &cfg);
+    let (units, diags) = tau_init::runtime::load_unit_set(&units_dir, &cfg, booted);
     for d in &diags {
         log::error(&format!("unit: {d}"));
-    }
-    if booted {
-        tau_init::runtime::add_builtin_shell(&mut units);
     }
     let run_dir = args
         .run_dir

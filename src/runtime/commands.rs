@@ -298,11 +298,8 @@ impl Runtime {
         if self.shutdown.is_some() {
             return Err("shutting down".into());
         }
-        let (mut units, diags) =
-            crate::config::load_units(&self.setup.units_dir, &self.setup.config);
-        if self.setup.booted {
-            super::add_builtin_shell(&mut units);
-        }
+        let (units, diags) =
+            super::load_unit_set(&self.setup.units_dir, &self.setup.config, self.setup.booted);
         if !diags.is_empty() {
             let list: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
             return Err(format!(

@@ -167,9 +167,23 @@ pub fn builtin_shell() -> Unit {
     }
 }
 
+/// The unit set tau-init supervises: the valid units of `dir` and, when a kernel booted us, the
+/// built-in emergency shell. Boot, reload and re-exec all build it through here.
+pub fn load_unit_set(
+    dir: &Path,
+    cfg: &Config,
+    booted: bool,
+) -> (Vec<Unit>, Vec<crate::config::Diagnostic>) {
+    let (mut units, diags) = crate::config::load_units(dir, cfg);
+    if booted {
+        add_builtin_shell(&mut units);
+    }
+    (units, diags)
+}
+
 /// Add the built-in emergency shell unless a unit already gives safe mode a console shell (or
-/// uses its name). Boot, reload and re-exec all build the unit set through this.
-pub fn add_builtin_shell(units: &mut Vec<Unit>) {
+/// uses its name).
+fn add_builtin_shell(units: &mut Vec<Unit>) {
     let shell = builtin_shell();
     if units.iter().any(|u| u.safe_mode_only && u.console) {
         return;
@@ -859,4 +873,37 @@ fn open_console() -> (Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>) {
     let b = a.try_clone().ok();
     let c = a.try_clone().ok();
     (Some(a), b, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path, booted: bool) -> Vec<String> {
+        let (units, diags) = load_unit_set(dir, &Config::default(), booted);
+        assert!(diags.is_empty(), "{diags:?}");
+        units.into_iter().map(|u| u.name).collect()
+    }
+
+    #[test]
+    fn unit_set_gets_the_builtin_shell_only_when_booted_and_never_twice() {
+        let dir = std::env::temp_dir().join(format!("tau-unitset-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("svc.toml"), "exec = [\"/bin/true\"]\n").unwrap();
+        assert_eq!(names(&dir, false), vec!["svc"]);
+        assert_eq!(names(&dir, true), vec!["svc", "emergency-shell"]);
+        // A unit of that name that is not a console shell: no second one, no clash.
+        std::fs::write(dir.join("emergency-shell.toml"), "exec = [\"/bin/true\"]\n").unwrap();
+        assert_eq!(names(&dir, true), vec!["emergency-shell", "svc"]);
+        // A unit that is the safe-mode console shell replaces the built-in one.
+        std::fs::write(
+            dir.join("emergency-shell.toml"),
+            "exec = [\"/bin/true\"]\nsafe_mode_only = true\nconsole = true\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("other.toml"), "exec = [\"/bin/true\"]\n").unwrap();
+        assert_eq!(names(&dir, true), vec!["emergency-shell", "other", "svc"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
