@@ -493,6 +493,43 @@ pub fn stdio_open() -> bool {
 mod tests {
     use super::*;
 
+    fn spec(path: &CStr, cwd: Option<&CStr>) -> SpawnSpec {
+        SpawnSpec {
+            path: path.into(),
+            argv: vec![path.into()],
+            envp: vec![],
+            cwd: cwd.map(Into::into),
+            uid: None,
+            gid: None,
+            cgroup_procs: None,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            controlling_tty: false,
+        }
+    }
+
+    #[test]
+    fn spawn_reports_the_stage_that_failed_in_the_child() {
+        // The child fails before exec: the exec-status pipe names the stage and errno. (The
+        // failed children stay zombies of the test process; reaping with -1 here could steal
+        // another test's child.)
+        let e = spawn(&spec(c"/bin/true", Some(c"/nonexistent-tau-dir"))).unwrap_err();
+        assert_eq!((e.stage, e.errno), (Some(ExecStage::Chdir), Errno::ENOENT));
+        assert_eq!(e.to_string(), "chdir failed: No such file or directory");
+        let e = spawn(&spec(c"/nonexistent-tau-binary", None)).unwrap_err();
+        assert_eq!((e.stage, e.errno), (Some(ExecStage::Exec), Errno::ENOENT));
+    }
+
+    #[test]
+    fn spawn_returns_the_pid_once_exec_succeeded() {
+        let pid = spawn(&spec(c"/bin/true", Some(c"/"))).unwrap();
+        let mut status = 0;
+        // SAFETY: waitpid writes into our local integer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(decode_wait_status(status), Some(WaitResult::Exited(0)));
+    }
+
     #[test]
     fn ppid_from_stat_with_odd_command_names() {
         assert_eq!(stat_ppid("42 (sleep) S 7 42 42 0 -1"), Some(7));
