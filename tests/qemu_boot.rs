@@ -100,23 +100,23 @@ impl Boot {
         }
     }
 
+    /// The console shows `needle`; `what` says why it matters.
+    fn assert_log(&self, needle: &str, what: &str) {
+        assert!(
+            self.log.contains(needle),
+            "{what}: no {needle:?} on the console {}",
+            self.log_path.display()
+        );
+    }
+
     /// The guest powered itself off through tau-init (QEMU exited 0 on its own).
     fn assert_clean_poweroff(&self, scenario: &str) {
-        assert!(
-            self.log.contains(&format!("TAU-TEST-DONE {scenario}")),
-            "driver did not finish: {}",
-            self.log_path.display()
+        self.assert_log(
+            &format!("TAU-TEST-DONE {scenario}"),
+            "driver did not finish",
         );
-        assert!(
-            self.log.contains("shutdown: all units stopped"),
-            "no orderly stop: {}",
-            self.log_path.display()
-        );
-        assert!(
-            self.log.contains("reboot: Power down"),
-            "no power-off: {}",
-            self.log_path.display()
-        );
+        self.assert_log("shutdown: all units stopped", "no orderly stop");
+        self.assert_log("reboot: Power down", "no power-off");
         assert_eq!(
             self.status,
             Some(0),
@@ -246,11 +246,9 @@ fn boot_crash_recovery_persistence_and_safe_mode_fallback() {
         "{}",
         b2.log_path.display()
     );
-    assert!(
-        b2.log
-            .contains("entering safe mode: critical unit tau-session failed"),
-        "{}",
-        b2.log_path.display()
+    b2.assert_log(
+        "entering safe mode: critical unit tau-session failed",
+        "the safe-mode fallback must say why",
     );
     b2.assert_clean_poweroff("boot2");
     println!("persistence suite: {:.1} s of boots", b1.secs + b2.secs);
@@ -270,17 +268,11 @@ fn kernel_command_line_safe_mode() {
         "only-safe-units",
         "safe-units-running",
     ]);
-    assert!(
-        b.log
-            .contains("warn: kernel command line: `tau.bogus=1`: unknown tau option, ignored"),
-        "unknown tau.* argument must be warned about: {}",
-        b.log_path.display()
+    b.assert_log(
+        "warn: kernel command line: `tau.bogus=1`: unknown tau option, ignored",
+        "unknown tau.* argument must be warned about",
     );
-    assert!(
-        b.log.contains("/var is tmpfs"),
-        "no-disk boot must say /var is tmpfs: {}",
-        b.log_path.display()
-    );
+    b.assert_log("/var is tmpfs", "no-disk boot must say /var is tmpfs");
     b.assert_clean_poweroff("safe");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -293,16 +285,13 @@ fn broken_config_boots_safe_mode_and_says_why() {
     let dir = scratch("broken");
     let b = boot("broken", "tau.config=/etc/tau/broken.toml", None, &dir);
     b.assert_ok(&["mode-safe", "error-logged", "built-in-defaults"]);
-    assert!(
-        b.log
-            .contains("config is broken: booting in safe mode with built-in defaults"),
-        "{}",
-        b.log_path.display()
+    b.assert_log(
+        "config is broken: booting in safe mode with built-in defaults",
+        "a broken config must be announced",
     );
-    assert!(
-        b.log.contains("/etc/tau/broken.toml:3:"),
-        "{}",
-        b.log_path.display()
+    b.assert_log(
+        "/etc/tau/broken.toml:3:",
+        "the config error must name file and line",
     );
     b.assert_clean_poweroff("broken");
     let _ = std::fs::remove_dir_all(&dir);
