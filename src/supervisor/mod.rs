@@ -252,6 +252,18 @@ pub enum Action {
     UnitsDown,
 }
 
+impl Action {
+    /// Cancel a unit's timer.
+    pub fn cancel(unit: usize, kind: TimerKind) -> Self {
+        Action::CancelTimer { unit, kind }
+    }
+
+    /// Set a unit's timer.
+    pub fn set(unit: usize, kind: TimerKind, at: Ms) -> Self {
+        Action::SetTimer { unit, kind, at }
+    }
+}
+
 /// Clock readings passed with each event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Now {
@@ -448,10 +460,7 @@ impl Supervisor {
                 s.reason = None;
                 if s.phase == Phase::Backoff {
                     // Do not wait for the backoff: start now.
-                    out.push(Action::CancelTimer {
-                        unit: i,
-                        kind: TimerKind::Restart,
-                    });
+                    out.push(Action::cancel(i, TimerKind::Restart));
                     s.restart_at = None;
                     s.wanted = true;
                     self.set_phase(i, Phase::Stopped, now);
@@ -479,11 +488,11 @@ impl Supervisor {
                     pid,
                     signal: libc::SIGKILL,
                 });
-                out.push(Action::SetTimer {
-                    unit: i,
-                    kind: TimerKind::StopTimeout,
-                    at: now.mono.saturating_add(timeout),
-                });
+                out.push(Action::set(
+                    i,
+                    TimerKind::StopTimeout,
+                    now.mono.saturating_add(timeout),
+                ));
             }
             Event::Spawned { unit: i, pid } => {
                 self.states[i].pid = Some(pid);
@@ -495,11 +504,11 @@ impl Supervisor {
                     format!("{}: started, pid {pid}", u.name),
                 ));
                 if u.ready == crate::config::model::Ready::Notify {
-                    out.push(Action::SetTimer {
-                        unit: i,
-                        kind: TimerKind::ReadyTimeout,
-                        at: now.mono.saturating_add(u.ready_timeout_ms),
-                    });
+                    out.push(Action::set(
+                        i,
+                        TimerKind::ReadyTimeout,
+                        now.mono.saturating_add(u.ready_timeout_ms),
+                    ));
                 } else {
                     self.became_running(i, now, &mut out);
                 }
@@ -518,10 +527,7 @@ impl Supervisor {
             }
             Event::Ready(i) => {
                 if self.states[i].phase == Phase::Starting {
-                    out.push(Action::CancelTimer {
-                        unit: i,
-                        kind: TimerKind::ReadyTimeout,
-                    });
+                    out.push(Action::cancel(i, TimerKind::ReadyTimeout));
                     out.push(Action::Log(
                         Level::Info,
                         format!("{}: ready", self.units[i].name),
@@ -540,10 +546,7 @@ impl Supervisor {
                 for i in 0..self.units.len() {
                     self.states[i].wanted = false;
                     if self.states[i].phase == Phase::Backoff {
-                        out.push(Action::CancelTimer {
-                            unit: i,
-                            kind: TimerKind::Restart,
-                        });
+                        out.push(Action::cancel(i, TimerKind::Restart));
                         self.set_phase(i, Phase::Stopped, now);
                     }
                 }
@@ -630,11 +633,11 @@ impl Supervisor {
     fn became_running(&mut self, i: usize, now: Now, out: &mut Vec<Action>) {
         self.set_phase(i, Phase::Running, now);
         let reset = self.units[i].recovery.reset_after_ms;
-        out.push(Action::SetTimer {
-            unit: i,
-            kind: TimerKind::Stable,
-            at: now.mono.saturating_add(reset),
-        });
+        out.push(Action::set(
+            i,
+            TimerKind::Stable,
+            now.mono.saturating_add(reset),
+        ));
         self.kick(now, out);
     }
 
@@ -652,31 +655,22 @@ impl Supervisor {
                     Level::Info,
                     format!("{}: stopping (signal {})", u.name, u.stop_signal),
                 ));
-                out.push(Action::CancelTimer {
-                    unit: i,
-                    kind: TimerKind::ReadyTimeout,
-                });
-                out.push(Action::CancelTimer {
-                    unit: i,
-                    kind: TimerKind::Stable,
-                });
+                out.push(Action::cancel(i, TimerKind::ReadyTimeout));
+                out.push(Action::cancel(i, TimerKind::Stable));
                 out.push(Action::Kill {
                     unit: i,
                     pid,
                     signal: u.stop_signal,
                 });
-                out.push(Action::SetTimer {
-                    unit: i,
-                    kind: TimerKind::StopTimeout,
-                    at: now.mono.saturating_add(u.stop_timeout_ms),
-                });
+                out.push(Action::set(
+                    i,
+                    TimerKind::StopTimeout,
+                    now.mono.saturating_add(u.stop_timeout_ms),
+                ));
                 self.set_phase(i, Phase::Stopping, now);
             }
             Phase::Backoff => {
-                out.push(Action::CancelTimer {
-                    unit: i,
-                    kind: TimerKind::Restart,
-                });
+                out.push(Action::cancel(i, TimerKind::Restart));
                 self.states[i].restart_at = None;
                 self.set_phase(i, Phase::Stopped, now);
             }
@@ -730,20 +724,11 @@ impl Supervisor {
         self.states[i].pid = None;
         self.states[i].sigkill_sent = false;
         self.states[i].last_exit = Some(exit);
-        out.push(Action::CancelTimer {
-            unit: i,
-            kind: TimerKind::Stable,
-        });
-        out.push(Action::CancelTimer {
-            unit: i,
-            kind: TimerKind::ReadyTimeout,
-        });
+        out.push(Action::cancel(i, TimerKind::Stable));
+        out.push(Action::cancel(i, TimerKind::ReadyTimeout));
         match phase {
             Phase::Stopping => {
-                out.push(Action::CancelTimer {
-                    unit: i,
-                    kind: TimerKind::StopTimeout,
-                });
+                out.push(Action::cancel(i, TimerKind::StopTimeout));
                 out.push(Action::Log(
                     Level::Info,
                     format!("{}: stopped ({exit})", self.units[i].name),
@@ -838,11 +823,11 @@ impl Supervisor {
                 ));
                 self.states[i].restart_at = Some(now.mono.saturating_add(ms));
                 self.set_phase(i, Phase::Backoff, now);
-                out.push(Action::SetTimer {
-                    unit: i,
-                    kind: TimerKind::Restart,
-                    at: now.mono.saturating_add(ms),
-                });
+                out.push(Action::set(
+                    i,
+                    TimerKind::Restart,
+                    now.mono.saturating_add(ms),
+                ));
             }
             Decision::Exhausted if critical && self.mode == Mode::Normal => {
                 self.record(i, exit, core_dumped, uptime, "safe_mode", now, out);
@@ -979,11 +964,11 @@ impl Supervisor {
                         signal: libc::SIGKILL,
                     });
                     self.states[i].sigkill_sent = true;
-                    out.push(Action::SetTimer {
-                        unit: i,
-                        kind: TimerKind::StopTimeout,
-                        at: now.mono.saturating_add(KILL_GRACE_MS),
-                    });
+                    out.push(Action::set(
+                        i,
+                        TimerKind::StopTimeout,
+                        now.mono.saturating_add(KILL_GRACE_MS),
+                    ));
                 }
             }
             TimerKind::ReadyTimeout if s.phase == Phase::Starting => {
